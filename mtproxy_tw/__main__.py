@@ -1,0 +1,3 @@
+from mtproxy_tw.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,325 @@
+"""
+The protocols of direct mode: a client connection and its DC connection.
+
+They only move bytes between transports and the codecs; every decision about
+bytes lives in :mod:`mtproxy_tw.obfuscated2` and friends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from cryptography.hazmat.primitives.ciphers import CipherContext
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IDelayedCall, IProtocol, ITCPTransport
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mtproxy_tw import obfuscated2
+from mtproxy_tw.core import ProxyCore
+from mtproxy_tw.obfuscated2 import (
+    TAG_ABRIDGED,
+    TAG_INTERMEDIATE,
+    TAG_PADDED,
+    AcceptedInit,
+    accept_init,
+)
+from mtproxy_tw.secrets import Mode, Secret
+
+__all__ = ["ClientFactory", "ClientProtocol", "DCProtocol"]
+
+_TAGS_BY_MODE = {
+    Mode.CLASSIC: frozenset({TAG_ABRIDGED, TAG_INTERMEDIATE}),
+    Mode.SECURE: frozenset({TAG_PADDED}),
+}
+
+
+def _discard(data: bytes) -> None:
+    pass
+
+
+class ClientProtocol(Protocol):
+    """
+    One client: handshake, then a relay to its DC.
+
+    States, each a ``_handler`` for incoming bytes: reading the init;
+    waiting for the DC (the client transport is paused); relaying;
+    closed (bytes are discarded).
+    """
+
+    log = Logger()
+    transport: ITCPTransport
+
+    def __init__(self, core: ProxyCore) -> None:
+        self.core = core
+        self.settings = core.settings
+        self.user: str | None = None
+        self.dc: int | None = None
+        self.closed = False
+        self._handler: Callable[[bytes], None] = _discard
+        self._buffer = bytearray()
+        self._timer: IDelayedCall | None = None
+        self._connecting: Deferred[IProtocol] | None = None
+        self._upstream: DCProtocol | None = None
+        self._pending: list[bytes] = []
+        self._from_client: CipherContext | None = None
+        self._to_client: CipherContext | None = None
+        self._to_dc: CipherContext | None = None
+        self._from_dc: CipherContext | None = None
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self._seen = -1
+
+    # -- lifecycle
+
+    def connectionMade(self) -> None:
+        core = self.core
+        if core.draining or len(core.clients) >= self.settings.max_connections:
+            core.stats.rejected["limit" if not core.draining else "draining"] += 1
+            self.transport.abortConnection()
+            return
+        core.clients.add(self)
+        core.stats.active += 1
+        self._handler = self._read_init
+        self._timer = core.reactor.callLater(
+            self.settings.handshake_timeout, self._handshake_timed_out
+        )
+
+    def dataReceived(self, data: bytes) -> None:
+        self._handler(data)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._handler = _discard
+        core = self.core
+        if self in core.clients:
+            core.clients.remove(self)
+            core.stats.active -= 1
+        core.stats.bytes_from_clients += self.bytes_in
+        core.stats.bytes_to_clients += self.bytes_out
+        self._cancel_timer()
+        if self._connecting is not None:
+            self._connecting.cancel()
+        upstream = self._upstream
+        if upstream is not None:
+            upstream.transport.unregisterProducer()
+            upstream.transport.loseConnection()
+        self._pending = []
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def reject(self, reason: str) -> None:
+        """
+        Give up on a client that did not complete a valid handshake.
+
+        Nothing is sent back: the connection is simply closed.
+        """
+        self.core.stats.rejected[reason] += 1
+        self.log.debug("closing {peer}: {reason}", peer=self.transport.getPeer(), reason=reason)
+        self._handler = _discard
+        self._buffer = bytearray()
+        self._cancel_timer()
+        self.transport.loseConnection()
+
+    def _handshake_timed_out(self) -> None:
+        self._timer = None
+        self.reject("handshake-timeout")
+
+    # -- handshake
+
+    def _read_init(self, data: bytes) -> None:
+        buf = self._buffer
+        buf += data
+        if len(buf) < obfuscated2.INIT_LENGTH:
+            return
+        init = bytes(buf[: obfuscated2.INIT_LENGTH])
+        rest = bytes(buf[obfuscated2.INIT_LENGTH :])
+        self._buffer = bytearray()
+        self.accept_init(init, rest, (Mode.CLASSIC, Mode.SECURE))
+
+    def accept_init(self, init: bytes, rest: bytes, modes: tuple[Mode, ...]) -> None:
+        """
+        Match an init against every secret; start the relay or reject.
+        """
+        matched = self._match(init, modes)
+        if matched is None:
+            self.reject("bad-init")
+            return
+        secret, accepted = matched
+        if self.core.replay.check_and_add(init[8:56]):
+            self.reject("replay")
+            return
+        self._start(secret, accepted, rest)
+
+    def _match(
+        self, init: bytes, modes: tuple[Mode, ...]
+    ) -> tuple[Secret, AcceptedInit] | None:
+        enabled = self.settings.modes
+        for secret in self.settings.secrets:
+            allowed = secret.admits() & enabled
+            tags = frozenset().union(*(_TAGS_BY_MODE[m] for m in modes if m in allowed))
+            if not tags:
+                continue
+            accepted = accept_init(init, secret.key, tags)
+            if accepted is not None:
+                return secret, accepted
+        return None
+
+    def _start(self, secret: Secret, accepted: AcceptedInit, rest: bytes) -> None:
+        core = self.core
+        self._cancel_timer()
+        self.user = secret.name
+        self.dc = accepted.dc
+        core.stats.accepted[secret.name] += 1
+        address, known = self.settings.dcs.lookup(accepted.dc)
+        if not known:
+            self.log.debug("unknown DC id {dc}, using the default DC", dc=accepted.dc)
+        fast = self.settings.fast_mode
+        upstream_init = obfuscated2.generate_init(
+            accepted.tag,
+            accepted.dc,
+            fast_keys=(accepted.send_key, accepted.send_iv) if fast else None,
+        )
+        self._from_client = accepted.decryptor
+        self._to_client = None if fast else accepted.encryptor
+        self._to_dc = upstream_init.encryptor
+        self._from_dc = None if fast else upstream_init.decryptor
+        self._pending = [upstream_init.wire]
+        if rest:
+            self._queue(rest)
+        self._handler = self._queue
+        self.transport.pauseProducing()
+        connecting = self._connecting = core.connect(address, _DCFactory(self))
+        connecting.addCallbacks(self._connected, self._connect_failed)
+
+    def _queue(self, data: bytes) -> None:
+        assert self._from_client is not None and self._to_dc is not None
+        self.bytes_in += len(data)
+        self._pending.append(self._to_dc.update(self._from_client.update(data)))
+
+    def _connect_failed(self, failure: Failure) -> None:
+        self._connecting = None
+        if failure.check(CancelledError) or self.closed:
+            return
+        self.core.stats.upstream_failures["connect"] += 1
+        self.log.info(
+            "DC {dc} unreachable for {user}: {error}",
+            dc=self.dc,
+            user=self.user,
+            error=failure.getErrorMessage(),
+        )
+        self.transport.loseConnection()
+
+    def _connected(self, protocol: IProtocol) -> None:
+        self._connecting = None
+        assert isinstance(protocol, DCProtocol)
+        if self.closed:
+            protocol.transport.loseConnection()
+            return
+        self._upstream = protocol
+        upstream = protocol.transport
+        upstream.write(b"".join(self._pending))
+        self._pending = []
+        upstream.registerProducer(self.transport, True)
+        self.transport.registerProducer(upstream, True)
+        protocol.relay_to = self._relay_to_client
+        self._handler = self._relay_to_dc
+        self.transport.resumeProducing()
+        self._timer = self.core.reactor.callLater(self.settings.idle_timeout, self._idle_check)
+
+    # -- relay
+
+    def _relay_to_dc(self, data: bytes) -> None:
+        assert self._upstream is not None
+        assert self._from_client is not None and self._to_dc is not None
+        self.bytes_in += len(data)
+        self._upstream.transport.write(self._to_dc.update(self._from_client.update(data)))
+
+    def _relay_to_client(self, data: bytes) -> None:
+        self.bytes_out += len(data)
+        if self._from_dc is not None:
+            assert self._to_client is not None
+            data = self._to_client.update(self._from_dc.update(data))
+        self.transport.write(data)
+
+    def activity(self) -> int:
+        """
+        A number that changes whenever bytes move either way.
+        """
+        return self.bytes_in + self.bytes_out
+
+    def _idle_check(self) -> None:
+        seen = self.activity()
+        if seen == self._seen:
+            self._timer = None
+            self.core.stats.idle_closed += 1
+            self.log.debug("closing idle connection of {user}", user=self.user)
+            self.transport.abortConnection()
+            return
+        self._seen = seen
+        self._timer = self.core.reactor.callLater(self.settings.idle_timeout, self._idle_check)
+
+    def close_if_idle(self, since: int) -> bool:
+        """
+        Close unless bytes moved since ``activity()`` returned ``since``.
+        """
+        if self._upstream is None or self.activity() == since:
+            self.transport.loseConnection()
+            return True
+        return False
+
+    def upstream_lost(self) -> None:
+        self._upstream = None
+        if not self.closed:
+            self.transport.unregisterProducer()
+            self.transport.loseConnection()
+
+
+class DCProtocol(Protocol):
+    """
+    The proxy's connection to a DC on behalf of one client.
+    """
+
+    transport: ITCPTransport
+
+    def __init__(self, client: ClientProtocol) -> None:
+        self.client = client
+        self.relay_to: Callable[[bytes], None] = _discard
+
+    def dataReceived(self, data: bytes) -> None:
+        self.relay_to(data)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        self.relay_to = _discard
+        self.client.upstream_lost()
+
+
+class _DCFactory(Factory):
+    noisy = False
+
+    def __init__(self, client: ClientProtocol) -> None:
+        self.client = client
+
+    def buildProtocol(self, addr: Any) -> DCProtocol:
+        return DCProtocol(self.client)
+
+
+class ClientFactory(Factory):
+    """
+    Builds a :class:`ClientProtocol` for every accepted connection.
+    """
+
+    noisy = False
+
+    def __init__(self, core: ProxyCore) -> None:
+        self.core = core
+
+    def buildProtocol(self, addr: Any) -> ClientProtocol:
+        return ClientProtocol(self.core)

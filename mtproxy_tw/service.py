@@ -1,0 +1,119 @@
+"""
+The proxy as a Twisted service: listeners, shared state, orderly shutdown.
+"""
+
+from __future__ import annotations
+
+import resource
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from mtproxy_tw.core import ProxyCore
+from mtproxy_tw.relay import ClientFactory
+from mtproxy_tw.settings import Settings
+
+__all__ = ["ProxyService", "raise_open_file_limit"]
+
+
+def raise_open_file_limit() -> tuple[int, int]:
+    """
+    Raise the soft limit on open files to the hard limit; return both.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            pass
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+class ProxyService(MultiService):
+    """
+    Listens on every endpoint and relays the clients that authenticate.
+
+    Stopping it closes the listeners at once, then drains: handshakes and
+    idle pairs are closed, busy pairs get up to ``drain_timeout`` seconds
+    to finish before they are cut.
+    """
+
+    log = Logger()
+
+    def __init__(self, settings: Settings, reactor: Any, listen: Sequence[str]) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.listen = list(listen)
+        self.core = ProxyCore(settings, reactor)
+        self.factory = ClientFactory(self.core)
+        self.listeners: list[StreamServerEndpointService] = []
+        for description in listen:
+            endpoint = serverFromString(reactor, description)
+            listener = StreamServerEndpointService(endpoint, self.factory)
+            listener._raiseSynchronously = True  # a port in use must fail the start
+            listener.setServiceParent(self)
+            self.listeners.append(listener)
+
+    @property
+    def settings(self) -> Settings:
+        return self.core.settings
+
+    def listening(self) -> Deferred[list[IListeningPort]]:
+        """
+        Fires with the listening ports once every listener is up.
+        """
+        waiting = [listener._waitingForPort for listener in self.listeners]
+        if any(d is None for d in waiting):
+            raise RuntimeError("the service has not started")
+        dl: Deferred[Any] = DeferredList(
+            [d for d in waiting if d is not None], fireOnOneErrback=True, consumeErrors=True
+        )
+        return dl.addCallback(lambda results: [port for _, port in results])
+
+    def startService(self) -> None:
+        soft, hard = raise_open_file_limit()
+        self.log.info("open file limit: {soft} (hard {hard})", soft=soft, hard=hard)
+        self.core.draining = False
+        super().startService()
+
+    def stopService(self) -> Deferred[None]:
+        stopped: Deferred[Any] = super().stopService() or succeed(None)
+        return stopped.addCallback(lambda _: self._drain())
+
+    def _drain(self) -> Deferred[None]:
+        core = self.core
+        core.draining = True
+        done: Deferred[None] = Deferred()
+        if not core.clients:
+            done.callback(None)
+            return done
+        self.log.info("draining {count} connections", count=len(core.clients))
+        deadline = self.reactor.seconds() + self.settings.drain_timeout
+        seen: dict[object, int] = {}
+
+        def sweep() -> None:
+            if not core.clients:
+                poll.stop()
+                return
+            if self.reactor.seconds() >= deadline:
+                self.log.info("cutting {count} busy connections", count=len(core.clients))
+                for client in list(core.clients):
+                    client.transport.abortConnection()
+                return
+            for client in list(core.clients):
+                before = seen.get(client)
+                if before is None or not client.close_if_idle(before):
+                    seen[client] = client.activity()
+
+        poll = LoopingCall(sweep)
+        poll.clock = self.reactor
+        poll.start(0.25, now=True).addCallback(lambda _: done.callback(None))
+        return done

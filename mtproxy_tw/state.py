@@ -1,0 +1,63 @@
+"""
+The state directory: what must survive a restart.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from mtproxy_tw.secrets import Mode, Secret, SecretError, generate, parse_secret
+
+__all__ = ["StateDir", "StateError", "default_state_dir"]
+
+
+class StateError(Exception):
+    """
+    The state directory cannot be used; the message says why.
+    """
+
+
+def default_state_dir() -> Path:
+    """
+    ``$XDG_DATA_HOME/mtproxy-tw``, else ``~/.local/share/mtproxy-tw``.
+    """
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(
+        os.path.expanduser("~"), ".local", "share"
+    )
+    return Path(base) / "mtproxy-tw"
+
+
+class StateDir:
+    SECRET_FILE = "secret"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def prepare(self) -> None:
+        try:
+            self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as e:
+            raise StateError(f"cannot create {self.path}: {e.strerror}") from None
+        if not os.access(self.path, os.W_OK | os.X_OK):
+            raise StateError(f"{self.path} is not writable")
+
+    def default_secret(self) -> Secret:
+        """
+        The secret used when none is configured: generated once, then kept.
+        """
+        path = self.path / self.SECRET_FILE
+        try:
+            text = path.read_text("ascii").strip()
+        except FileNotFoundError:
+            secret = generate(Mode.SECURE, name="default")
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secret.hex() + "\n")
+            return secret
+        except (OSError, UnicodeDecodeError) as e:
+            raise StateError(f"cannot read {path}: {e}") from None
+        try:
+            return parse_secret(text, "default")
+        except SecretError as e:
+            raise StateError(f"{path} holds no valid secret: {e}") from None

@@ -1,0 +1,251 @@
+"""
+``twist mtproxy``: command-line options and the service they build.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from twisted.application.service import IService, MultiService, Service
+from twisted.logger import Logger
+from twisted.python import usage
+
+from mtproxy_tw import __version__
+from mtproxy_tw.dcs import Address, DCTable, parse_dc_override
+from mtproxy_tw.secrets import Mode, Secret, SecretError, links, parse_secret
+from mtproxy_tw.service import ProxyService
+from mtproxy_tw.settings import Settings
+from mtproxy_tw.state import StateDir, StateError, default_state_dir
+
+__all__ = ["Options", "makeService"]
+
+log = Logger()
+
+
+def _positive(option: str, text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise usage.UsageError(f"--{option}: {text!r} is not a number") from None
+    if not value > 0:
+        raise usage.UsageError(f"--{option}: must be greater than zero")
+    return value
+
+
+def _count(option: str, text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise usage.UsageError(f"--{option}: {text!r} is not a whole number") from None
+    if value < 1:
+        raise usage.UsageError(f"--{option}: must be at least 1")
+    return value
+
+
+class Options(usage.Options):
+    """
+    Parsing and validation only; :func:`makeService` builds from the result.
+    """
+
+    synopsis = "[options]"
+    longdesc = (
+        "A Telegram MTProto proxy. Clients connect with a secret (classic, dd or ee) and "
+        "are carried to Telegram's data centres."
+    )
+
+    optFlags = [
+        ["prefer-ipv6", None, "Connect to Telegram's DCs over IPv6."],
+        ["no-fast-mode", None, "Re-encrypt the download direction instead of passing it through."],
+    ]
+    optParameters = [
+        ["port", "p", None, "TCP port to listen on, all IPv4 interfaces (default 443).", int],
+        ["state-dir", None, None, "Directory for state kept across restarts."],
+        ["public-host", None, None, "Host name or address put in the printed links."],
+        ["modes", None, "classic,secure,tls", "Client modes accepted (classic, secure, tls)."],
+        ["handshake-timeout", None, "10", "Seconds a client has to complete its handshake."],
+        ["idle-timeout", None, "300", "Seconds without traffic before a connection is closed."],
+        ["connect-timeout", None, "10", "Seconds to connect to Telegram."],
+        ["max-connections", None, "10000", "Most client connections at once."],
+        ["replay-capacity", None, "65536", "Handshakes remembered against replays."],
+        ["replay-window", None, "600", "Seconds a handshake is remembered."],
+        ["drain-timeout", None, "5", "Seconds busy connections get to finish on shutdown."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+        self["secrets"] = []
+        self["dc"] = {}
+
+    def opt_listen(self, description: str) -> None:
+        """Listen on a Twisted endpoint, e.g. tcp6:443 (repeatable; replaces --port)."""
+        self["listen"].append(description)
+
+    def opt_secret(self, text: str) -> None:
+        """[NAME=]SECRET: 32 hex, dd+32 hex or ee+32 hex+hex(domain) (repeatable)."""
+        try:
+            secret = parse_secret(text, f"secret{len(self['secrets']) + 1}")
+        except SecretError as e:
+            raise usage.UsageError(f"--secret: {e}") from None
+        if any(s.name == secret.name for s in self["secrets"]):
+            raise usage.UsageError(f"--secret: the name {secret.name!r} is used twice")
+        self["secrets"].append(secret)
+
+    def opt_dc(self, text: str) -> None:
+        """ID=HOST:PORT overrides one DC's address, e.g. -2=[::1]:443 (repeatable)."""
+        try:
+            dc, address = parse_dc_override(text)
+        except ValueError as e:
+            raise usage.UsageError(f"--dc: {e}") from None
+        self["dc"][dc] = address
+
+    def opt_version(self) -> None:
+        """
+        Print the version and exit.
+        """
+        import sys
+
+        sys.stdout.write(f"mtproxy-tw {__version__}\n")
+        raise SystemExit(0)
+
+    def postOptions(self) -> None:
+        if self["port"] is not None and self["listen"]:
+            raise usage.UsageError("--port: give either --port or --listen, not both")
+        port = self["port"] if self["port"] is not None else 443
+        if not self["listen"]:
+            if not 0 <= port < 65536:
+                raise usage.UsageError(f"--port: {port} is out of range")
+            self["listen"] = [f"tcp:{port}"]
+        try:
+            modes = frozenset(Mode(m.strip()) for m in self["modes"].split(",") if m.strip())
+        except ValueError:
+            raise usage.UsageError("--modes: use classic, secure and tls, comma separated") from None
+        if not modes:
+            raise usage.UsageError("--modes: at least one mode is needed")
+        self["modes"] = modes
+        for name in ("handshake-timeout", "idle-timeout", "connect-timeout", "replay-window"):
+            self[name] = _positive(name, self[name])
+        drain = self["drain-timeout"]
+        try:
+            self["drain-timeout"] = float(drain)
+        except ValueError:
+            raise usage.UsageError(f"--drain-timeout: {drain!r} is not a number") from None
+        if self["drain-timeout"] < 0:
+            raise usage.UsageError("--drain-timeout: must not be negative")
+        for name in ("max-connections", "replay-capacity"):
+            self[name] = _count(name, self[name])
+        for secret in self["secrets"]:
+            if not secret.admits() & modes:
+                raise usage.UsageError(
+                    f"--secret: {secret.name} is a {secret.kind.value} secret, "
+                    "which --modes does not accept"
+                )
+        self["state-dir"] = (
+            Path(self["state-dir"]) if self["state-dir"] else default_state_dir()
+        )
+
+
+def _listen_port(description: str) -> tuple[str | None, int | None]:
+    """
+    The interface and port of a ``tcp:``/``tcp6:`` endpoint description.
+    """
+    parts = description.split(":")
+    if parts[0] not in ("tcp", "tcp6"):
+        return None, None
+    port = None
+    interface = None
+    for part in parts[1:]:
+        key, eq, value = part.partition("=")
+        if not eq and port is None and key.isdigit():
+            port = int(key)
+        elif key == "port" and value.isdigit():
+            port = int(value)
+        elif key == "interface":
+            interface = value.replace("\\", "")
+    return interface, port
+
+
+class _LinkAnnouncer(Service):
+    """
+    Logs every secret's links once the proxy is listening.
+    """
+
+    def __init__(self, proxy: ProxyService, public_host: str | None) -> None:
+        self.proxy = proxy
+        self.public_host = public_host
+
+    def startService(self) -> None:
+        super().startService()
+        self.proxy.listening().addCallback(self._announce).addErrback(
+            lambda f: log.failure("listening failed", f)
+        )
+
+    def _announce(self, ports: list[Any]) -> None:
+        interface, port = _listen_port(self.proxy.listen[0])
+        if ports and hasattr(ports[0], "getHost") and hasattr(ports[0].getHost(), "port"):
+            port = ports[0].getHost().port
+        host = self.public_host
+        if host is None:
+            host = interface if interface not in (None, "", "0.0.0.0", "::") else _guess_host()
+            log.warn(
+                "no --public-host given: the links use {host}, which may not be reachable "
+                "from the internet",
+                host=host,
+            )
+        for secret in self.proxy.settings.secrets:
+            for link in links(secret, host, port or 443):
+                log.info("{user}: {link}", user=secret.name, link=link)
+
+
+def _guess_host() -> str:
+    import socket
+
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
+def settings_from_options(options: Options, secrets: tuple[Secret, ...]) -> Settings:
+    overrides: dict[int, Address] = dict(options["dc"])
+    return Settings(
+        secrets=secrets,
+        modes=options["modes"],
+        dcs=DCTable(overrides, prefer_ipv6=bool(options["prefer-ipv6"])),
+        fast_mode=not options["no-fast-mode"],
+        handshake_timeout=options["handshake-timeout"],
+        idle_timeout=options["idle-timeout"],
+        connect_timeout=options["connect-timeout"],
+        max_connections=options["max-connections"],
+        replay_capacity=options["replay-capacity"],
+        replay_window=options["replay-window"],
+        drain_timeout=options["drain-timeout"],
+        state_dir=options["state-dir"],
+    )
+
+
+def makeService(options: Options, reactor: Any = None) -> IService:
+    """
+    Build the proxy from parsed options.
+    """
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    state = StateDir(options["state-dir"])
+    secrets = tuple(options["secrets"])
+    try:
+        state.prepare()
+        if not secrets:
+            secrets = (state.default_secret(),)
+    except StateError as e:
+        raise usage.UsageError(f"--state-dir: {e}") from None
+    log.info("state directory: {path}", path=str(state.path))
+    settings = settings_from_options(options, secrets)
+    top = MultiService()
+    proxy = ProxyService(settings, reactor, options["listen"])
+    proxy.setServiceParent(top)
+    _LinkAnnouncer(proxy, options["public-host"]).setServiceParent(top)
+    return top
+
