@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
+from typing import Protocol as TypingProtocol
 
 from cryptography.hazmat.primitives.ciphers import CipherContext
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IDelayedCall, IProtocol, ITCPTransport
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import IAddress, IDelayedCall, IProtocol, IPushProducer
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -36,6 +37,23 @@ _TAGS_BY_MODE = {
 }
 
 
+class Transport(TypingProtocol):
+    """
+    What the relay uses of a TCP transport: writing, closing, and both
+    sides of streaming flow control.
+    """
+
+    def write(self, data: bytes) -> None: ...
+    def loseConnection(self) -> None: ...
+    def abortConnection(self) -> None: ...
+    def getPeer(self) -> IAddress: ...
+    def getHost(self) -> IAddress: ...
+    def registerProducer(self, producer: IPushProducer, streaming: bool) -> None: ...
+    def unregisterProducer(self) -> None: ...
+    def pauseProducing(self) -> None: ...
+    def resumeProducing(self) -> None: ...
+
+
 def _discard(data: bytes) -> None:
     pass
 
@@ -50,7 +68,7 @@ class ClientProtocol(Protocol):
     """
 
     log = Logger()
-    transport: ITCPTransport
+    transport: Transport  # type: ignore[assignment]
 
     def __init__(self, core: ProxyCore) -> None:
         self.core = core
@@ -90,7 +108,7 @@ class ClientProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self._handler(data)
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.closed:
             return
         self.closed = True
@@ -158,9 +176,7 @@ class ClientProtocol(Protocol):
             return
         self._start(secret, accepted, rest)
 
-    def _match(
-        self, init: bytes, modes: tuple[Mode, ...]
-    ) -> tuple[Secret, AcceptedInit] | None:
+    def _match(self, init: bytes, modes: tuple[Mode, ...]) -> tuple[Secret, AcceptedInit] | None:
         enabled = self.settings.modes
         for secret in self.settings.secrets:
             allowed = secret.admits() & enabled
@@ -227,8 +243,8 @@ class ClientProtocol(Protocol):
         upstream = protocol.transport
         upstream.write(b"".join(self._pending))
         self._pending = []
-        upstream.registerProducer(self.transport, True)
-        self.transport.registerProducer(upstream, True)
+        upstream.registerProducer(self.transport, True)  # type: ignore[arg-type]
+        self.transport.registerProducer(upstream, True)  # type: ignore[arg-type]
         protocol.relay_to = self._relay_to_client
         self._handler = self._relay_to_dc
         self.transport.resumeProducing()
@@ -287,7 +303,7 @@ class DCProtocol(Protocol):
     The proxy's connection to a DC on behalf of one client.
     """
 
-    transport: ITCPTransport
+    transport: Transport  # type: ignore[assignment]
 
     def __init__(self, client: ClientProtocol) -> None:
         self.client = client
@@ -296,7 +312,7 @@ class DCProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.relay_to(data)
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.relay_to = _discard
         self.client.upstream_lost()
 

@@ -4,6 +4,7 @@ The proxy as a Twisted service: listeners, shared state, orderly shutdown.
 
 from __future__ import annotations
 
+import contextlib
 import resource
 from collections.abc import Sequence
 from typing import Any
@@ -30,10 +31,8 @@ def raise_open_file_limit() -> tuple[int, int]:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or soft < hard:
         target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-        try:
+        with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        except (ValueError, OSError):
-            pass
     return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 

@@ -120,7 +120,9 @@ class Options(usage.Options):
         try:
             modes = frozenset(Mode(m.strip()) for m in self["modes"].split(",") if m.strip())
         except ValueError:
-            raise usage.UsageError("--modes: use classic, secure and tls, comma separated") from None
+            raise usage.UsageError(
+                "--modes: use classic, secure and tls, comma separated"
+            ) from None
         if not modes:
             raise usage.UsageError("--modes: at least one mode is needed")
         self["modes"] = modes
@@ -141,9 +143,7 @@ class Options(usage.Options):
                     f"--secret: {secret.name} is a {secret.kind.value} secret, "
                     "which --modes does not accept"
                 )
-        self["state-dir"] = (
-            Path(self["state-dir"]) if self["state-dir"] else default_state_dir()
-        )
+        self["state-dir"] = Path(self["state-dir"]) if self["state-dir"] else default_state_dir()
 
 
 def _listen_port(description: str) -> tuple[str | None, int | None]:
@@ -248,4 +248,3 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     proxy.setServiceParent(top)
     _LinkAnnouncer(proxy, options["public-host"]).setServiceParent(top)
     return top
-

@@ -32,7 +32,16 @@ class ParseTests(SynchronousTestCase):
         self.assertEqual(parse_dc_override("4=dc.example:8443"), (4, Address("dc.example", 8443)))
 
     def test_bad(self) -> None:
-        for text in ("2", "x=1.2.3.4:1", "0=1.2.3.4:5", "2=1.2.3.4", "2=1.2.3.4:0", "2=[zz]:1", "99999=a:1", "2=::1:443"):
+        for text in (
+            "2",
+            "x=1.2.3.4:1",
+            "0=1.2.3.4:5",
+            "2=1.2.3.4",
+            "2=1.2.3.4:0",
+            "2=[zz]:1",
+            "99999=a:1",
+            "2=::1:443",
+        ):
             self.assertRaises(ValueError, parse_dc_override, text)
 
     def test_address_default_port(self) -> None:

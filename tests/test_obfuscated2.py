@@ -130,7 +130,10 @@ class DCInitTests(SynchronousTestCase):
         )
         to_dc_key = H("48494a4b4c4d4e4f50515253545556574ceb706073fcba1e807b501a1be2843e")
         to_dc_iv = H("59c54b7f1987fafe155dae9e876ab1e9")
-        self.assertEqual(dc.decryptor.update(b"x"), obfuscated2.ctr(to_dc_key, to_dc_iv).update(bytes(64) + b"x")[64:])
+        self.assertEqual(
+            dc.decryptor.update(b"x"),
+            obfuscated2.ctr(to_dc_key, to_dc_iv).update(bytes(64) + b"x")[64:],
+        )
 
     def test_fast_stream_matches_client(self) -> None:
         """
@@ -142,7 +145,9 @@ class DCInitTests(SynchronousTestCase):
         upstream = generate_init(proxy.tag, proxy.dc, fast_keys=(proxy.send_key, proxy.send_iv))
         dc = accept_init(upstream.wire, None)
         assert dc is not None and dc.dc == -2 and dc.tag == TAG_PADDED
-        self.assertEqual(client.decryptor.update(dc.encryptor.update(b"pass-through")), b"pass-through")
+        self.assertEqual(
+            client.decryptor.update(dc.encryptor.update(b"pass-through")), b"pass-through"
+        )
 
 
 class GenerationTests(SynchronousTestCase):

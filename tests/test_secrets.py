@@ -35,12 +35,22 @@ class ParseTests(SynchronousTestCase):
     def test_tls_hex_and_base64(self) -> None:
         for text in (EE_HEX, EE_B64):
             secret = parse_secret(text, "x")
-            self.assertEqual((secret.kind, secret.domain, secret.key.hex()), (Mode.TLS, "example.com", S))
+            self.assertEqual(
+                (secret.kind, secret.domain, secret.key.hex()), (Mode.TLS, "example.com", S)
+            )
             self.assertEqual(secret.hex(), EE_HEX)
             self.assertEqual(secret.base64url(), EE_B64)
 
     def test_errors(self) -> None:
-        for text in ("", "zz", S[:-2], "ab" + S, "dd" + S + "00", "bad name=" + S, "ee" + S + "ff00"):
+        for text in (
+            "",
+            "zz",
+            S[:-2],
+            "ab" + S,
+            "dd" + S + "00",
+            "bad name=" + S,
+            "ee" + S + "ff00",
+        ):
             self.assertRaises(SecretError, parse_secret, text, "x")
 
     def test_error_hides_secret(self) -> None:

@@ -81,7 +81,7 @@ payloads = st.lists(
 def _feed_split(codec: Codec, stream: bytes, cuts: list[int]) -> list[Packet]:
     out: list[Packet] = []
     last = 0
-    for cut in sorted(c % (len(stream) + 1) for c in cuts) + [len(stream)]:
+    for cut in [*sorted(c % (len(stream) + 1) for c in cuts), len(stream)]:
         out.extend(codec.feed(stream[last:cut]))
         last = max(last, cut)
     return out
@@ -89,16 +89,22 @@ def _feed_split(codec: Codec, stream: bytes, cuts: list[int]) -> list[Packet]:
 
 class PropertyTests(SynchronousTestCase):
     @settings(max_examples=150)
-    @given(codecs, payloads, st.lists(st.booleans(), min_size=8, max_size=8), st.lists(st.integers(0, 10**6), max_size=10))
+    @given(
+        codecs,
+        payloads,
+        st.lists(st.booleans(), min_size=8, max_size=8),
+        st.lists(st.integers(0, 10**6), max_size=10),
+    )
     def test_round_trip(
         self, cls: type[Codec], items: list[bytes], acks: list[bool], cuts: list[int]
     ) -> None:
         """
         Whatever the chunking, packets come out as they went in.
         """
-        stream = b"".join(cls().encode(p, a) for p, a in zip(items, acks))
+        stream = b"".join(cls().encode(p, a) for p, a in zip(items, acks, strict=False))
         self.assertEqual(
-            _feed_split(cls(), stream, cuts), [Packet(p, a) for p, a in zip(items, acks)]
+            _feed_split(cls(), stream, cuts),
+            [Packet(p, a) for p, a in zip(items, acks, strict=False)],
         )
 
     @settings(max_examples=200)

@@ -1,0 +1,140 @@
+"""
+Command-line options, the service they build, and the plugin.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from twisted.application.service import IService, IServiceMaker, MultiService
+from twisted.internet.testing import MemoryReactorClock
+from twisted.plugin import getPlugins
+from twisted.python.usage import UsageError
+from twisted.trial.unittest import SynchronousTestCase
+
+from mtproxy_tw import tap
+from mtproxy_tw.dcs import Address
+from mtproxy_tw.secrets import Mode
+from mtproxy_tw.service import ProxyService
+
+S = "0123456789abcdeffedcba9876543210"
+
+
+def parse(*argv: str) -> tap.Options:
+    options = tap.Options()
+    options.parseOptions(list(argv))
+    return options
+
+
+class OptionsTests(SynchronousTestCase):
+    def test_defaults(self) -> None:
+        options = parse("--secret", S)
+        self.assertEqual(options["listen"], ["tcp:443"])
+        self.assertEqual(options["modes"], frozenset(Mode))
+        self.assertEqual(options["max-connections"], 10000)
+
+    def test_port_and_listen(self) -> None:
+        self.assertEqual(parse("--port", "8443")["listen"], ["tcp:8443"])
+        listen = parse("--listen", "tcp6:443", "--listen", "tcp:8443:interface=127.0.0.1")
+        self.assertEqual(listen["listen"], ["tcp6:443", "tcp:8443:interface=127.0.0.1"])
+        self.assertRaises(UsageError, parse, "--port", "1", "--listen", "tcp:2")
+        self.assertRaises(UsageError, parse, "--port", "70000")
+
+    def test_secrets(self) -> None:
+        options = parse("--secret", S, "--secret", "bob=dd" + S)
+        names = [(s.name, s.kind) for s in options["secrets"]]
+        self.assertEqual(names, [("secret1", Mode.CLASSIC), ("bob", Mode.SECURE)])
+
+    def test_bad_secret_names_option(self) -> None:
+        e = self.assertRaises(UsageError, parse, "--secret", "xyz")
+        self.assertTrue(str(e).startswith("--secret:"))
+        e = self.assertRaises(UsageError, parse, "--secret", "a=" + S, "--secret", "a=" + S)
+        self.assertIn("twice", str(e))
+
+    def test_dc(self) -> None:
+        options = parse("--dc=-2=[::1]:443", "--dc", "-4=127.0.0.1:5", "--dc", "1=localhost:7")
+        self.assertEqual(
+            options["dc"],
+            {-2: Address("::1", 443), -4: Address("127.0.0.1", 5), 1: Address("localhost", 7)},
+        )
+        e = self.assertRaises(UsageError, parse, "--dc", "2=nowhere")
+        self.assertTrue(str(e).startswith("--dc:"))
+
+    def test_numbers(self) -> None:
+        for option in ("--handshake-timeout", "--idle-timeout", "--connect-timeout"):
+            e = self.assertRaises(UsageError, parse, option, "0")
+            self.assertIn(option, str(e))
+            e = self.assertRaises(UsageError, parse, option, "soon")
+            self.assertIn(option, str(e))
+        e = self.assertRaises(UsageError, parse, "--max-connections", "0")
+        self.assertIn("--max-connections", str(e))
+
+    def test_modes(self) -> None:
+        self.assertEqual(parse("--modes", "secure")["modes"], {Mode.SECURE})
+        self.assertRaises(UsageError, parse, "--modes", "fast")
+        e = self.assertRaises(UsageError, parse, "--modes", "tls", "--secret", "dd" + S)
+        self.assertIn("--modes", str(e))
+
+    def test_flags(self) -> None:
+        options = parse("--no-fast-mode", "--prefer-ipv6", "--secret", S)
+        settings = tap.settings_from_options(options, tuple(options["secrets"]))
+        self.assertFalse(settings.fast_mode)
+        self.assertTrue(settings.dcs.prefer_ipv6)
+
+
+class MakeServiceTests(SynchronousTestCase):
+    def test_generates_and_keeps_secret(self) -> None:
+        """
+        With no --secret, a secret is generated once and reused.
+        """
+        state = self.mktemp()
+        first = tap.makeService(parse("--state-dir", state), MemoryReactorClock())
+        second = tap.makeService(parse("--state-dir", state), MemoryReactorClock())
+
+        def secrets(top: IService) -> list[bytes]:
+            assert isinstance(top, MultiService)
+            proxy = next(s for s in top if isinstance(s, ProxyService))
+            return [s.key for s in proxy.settings.secrets]
+
+        self.assertEqual(secrets(first), secrets(second))
+        path = Path(state) / "secret"
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+
+    def test_bad_state_dir(self) -> None:
+        blocker = self.mktemp()
+        Path(blocker).write_text("x")
+        e = self.assertRaises(
+            UsageError,
+            tap.makeService,
+            parse("--state-dir", blocker + "/sub"),
+            MemoryReactorClock(),
+        )
+        self.assertTrue(str(e).startswith("--state-dir:"))
+
+    def test_listens(self) -> None:
+        reactor = MemoryReactorClock()
+        top = tap.makeService(
+            parse(
+                "--listen",
+                "tcp:8443:interface=127.0.0.1",
+                "--secret",
+                S,
+                "--state-dir",
+                self.mktemp(),
+            ),
+            reactor,
+        )
+        top.startService()
+        self.assertEqual([(p[0], p[3]) for p in reactor.tcpServers], [(8443, "127.0.0.1")])
+
+
+class PluginTests(SynchronousTestCase):
+    def test_found(self) -> None:
+        from twisted import plugins
+
+        makers = {p.tapname: p for p in getPlugins(IServiceMaker, plugins)}
+        self.assertIn("mtproxy", makers)
+        options = makers["mtproxy"].options()
+        options.parseOptions(["--secret", S])
+        self.assertEqual(len(options["secrets"]), 1)
