@@ -17,6 +17,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from mtproxy_tw._fastwrite import tune_malloc
 from mtproxy_tw.core import ProxyCore
 from mtproxy_tw.relay import ClientFactory
 from mtproxy_tw.settings import Settings
@@ -80,6 +81,8 @@ class ProxyService(MultiService):
     def startService(self) -> None:
         soft, hard = raise_open_file_limit()
         self.log.info("open file limit: {soft} (hard {hard})", soft=soft, hard=hard)
+        if not tune_malloc():
+            self.log.info("malloc thresholds not tuned (not glibc)")
         self.core.draining = False
         super().startService()
 

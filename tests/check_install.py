@@ -18,9 +18,10 @@ def main() -> int:
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        from twisted import plugins
         from twisted.application.service import IServiceMaker
         from twisted.plugin import getPlugins
+
+        from twisted import plugins
 
         makers = {p.tapname: p for p in getPlugins(IServiceMaker, plugins)}
         makers = {p.tapname: p for p in getPlugins(IServiceMaker, plugins)}
