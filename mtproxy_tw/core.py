@@ -18,7 +18,7 @@ from mtproxy_tw.settings import Settings
 from mtproxy_tw.stats import Stats
 
 if TYPE_CHECKING:
-    from mtproxy_tw.relay import ClientProtocol
+    from mtproxy_tw.relay import ClientProtocol, MiddleUpstream
 
 __all__ = ["ProxyCore"]
 
@@ -40,6 +40,8 @@ class ProxyCore:
         self.stats = Stats()
         self.clients: set[ClientProtocol] = set()
         self.draining = False
+        #: Set when clients go through Telegram's middle proxies.
+        self.middle: MiddleUpstream | None = None
 
     def endpoint(self, address: Address) -> IStreamClientEndpoint:
         """

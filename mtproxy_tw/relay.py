@@ -54,6 +54,26 @@ class Transport(TypingProtocol):
     def resumeProducing(self) -> None: ...
 
 
+class MiddleSession(TypingProtocol):
+    """
+    One client's place on a shared middle-proxy connection.
+
+    It is fed the client's decrypted transport stream (frames still in the
+    client's own framing) and told when the client goes away.
+    """
+
+    def feed(self, data: bytes) -> None: ...
+    def close(self) -> None: ...
+
+
+class MiddleUpstream(TypingProtocol):
+    """
+    Opens middle-proxy sessions; see :mod:`mtproxy_tw.middle`.
+    """
+
+    def attach(self, client: ClientProtocol, dc: int, tag: bytes) -> MiddleSession: ...
+
+
 #: Bytes read per ``dataReceived`` and the write-buffer size at which the
 #: other side is paused: large reads amortise the per-call costs.
 READ_SIZE = 1 << 18
@@ -91,6 +111,7 @@ class ClientProtocol(Protocol):
         self._timer: IDelayedCall | None = None
         self._connecting: Deferred[IProtocol] | None = None
         self._upstream: DCProtocol | None = None
+        self._session: MiddleSession | None = None
         self._pending: list[bytes] = []
         self._from_client: CipherContext | None = None
         self._to_client: CipherContext | None = None
@@ -136,6 +157,9 @@ class ClientProtocol(Protocol):
         if upstream is not None:
             upstream.transport.unregisterProducer()
             upstream.transport.loseConnection()
+        session, self._session = self._session, None
+        if session is not None:
+            session.close()
         self._pending = []
 
     def _cancel_timer(self) -> None:
@@ -204,6 +228,11 @@ class ClientProtocol(Protocol):
         self.user = secret.name
         self.dc = accepted.dc
         core.stats.accepted[secret.name] += 1
+        self._from_client = accepted.decryptor
+        self._to_client = accepted.encryptor
+        if core.middle is not None:
+            self._start_middle(core.middle, accepted, rest)
+            return
         address, known = self.settings.dcs.lookup(accepted.dc)
         if not known:
             self.log.debug("unknown DC id {dc}, using the default DC", dc=accepted.dc)
@@ -213,8 +242,8 @@ class ClientProtocol(Protocol):
             accepted.dc,
             fast_keys=(accepted.send_key, accepted.send_iv) if fast else None,
         )
-        self._from_client = accepted.decryptor
-        self._to_client = None if fast else accepted.encryptor
+        if fast:
+            self._to_client = None
         self._to_dc = upstream_init.encryptor
         self._from_dc = None if fast else upstream_init.decryptor
         self._pending = [upstream_init.wire]
@@ -224,6 +253,56 @@ class ClientProtocol(Protocol):
         self.transport.pauseProducing()
         connecting = self._connecting = core.connect(address, _DCFactory(self))
         connecting.addCallbacks(self._connected, self._connect_failed)
+
+    def _start_middle(self, middle: MiddleUpstream, accepted: AcceptedInit, rest: bytes) -> None:
+        self._session = middle.attach(self, accepted.dc, accepted.tag)
+        self._handler = self._relay_to_middle
+        self._timer = self.core.reactor.callLater(self.settings.idle_timeout, self._idle_check)
+        if rest:
+            self._relay_to_middle(rest)
+
+    def _relay_to_middle(self, data: bytes) -> None:
+        assert self._from_client is not None and self._session is not None
+        self.bytes_in += len(data)
+        self._session.feed(self._from_client.update(data))
+
+    # -- what a middle-proxy session calls
+
+    def deliver(self, framed: bytes) -> None:
+        """
+        Send bytes already in the client's transport framing.
+        """
+        if self.closed:
+            return
+        assert self._to_client is not None
+        self.bytes_out += len(framed)
+        _fastwrite.write(self.transport, self._to_client.update(framed))
+
+    def buffered(self) -> int:
+        """
+        Bytes waiting in this client's write buffer.
+        """
+        t: Any = self.transport
+        try:
+            return len(t.dataBuffer) - t.offset + t._tempDataLen  # type: ignore[no-any-return]
+        except AttributeError:
+            return 0
+
+    def pause_reading(self) -> None:
+        if not self.closed:
+            self.transport.pauseProducing()
+
+    def resume_reading(self) -> None:
+        if not self.closed:
+            self.transport.resumeProducing()
+
+    def session_closed(self) -> None:
+        """
+        The middle proxy or the pool ended this client's session.
+        """
+        self._session = None
+        if not self.closed:
+            self.transport.loseConnection()
 
     def _queue(self, data: bytes) -> None:
         assert self._from_client is not None and self._to_dc is not None
@@ -300,7 +379,8 @@ class ClientProtocol(Protocol):
         """
         Close unless bytes moved since ``activity()`` returned ``since``.
         """
-        if self._upstream is None or self.activity() == since:
+        relaying = self._upstream is not None or self._session is not None
+        if not relaying or self.activity() == since:
             self.transport.loseConnection()
             return True
         return False
