@@ -16,6 +16,7 @@ from mtproxy_tw.dcs import Address
 from mtproxy_tw.replay import ReplayCache
 from mtproxy_tw.settings import Settings
 from mtproxy_tw.stats import Stats
+from mtproxy_tw.tlsprofile import TLSProfile
 
 if TYPE_CHECKING:
     from mtproxy_tw.relay import ClientProtocol, MiddleUpstream
@@ -42,6 +43,10 @@ class ProxyCore:
         self.draining = False
         #: Set when clients go through Telegram's middle proxies.
         self.middle: MiddleUpstream | None = None
+        #: Measured TLS answers of the fronted sites, by domain.
+        self.tls_profiles: dict[str, TLSProfile] = {}
+        #: Set when the mask host turned out to be this proxy itself.
+        self.mask_disabled = False
 
     def endpoint(self, address: Address) -> IStreamClientEndpoint:
         """

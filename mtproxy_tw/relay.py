@@ -7,18 +7,25 @@ bytes lives in :mod:`mtproxy_tw.obfuscated2` and friends.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 from typing import Protocol as TypingProtocol
 
 from cryptography.hazmat.primitives.ciphers import CipherContext
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IAddress, IDelayedCall, IProtocol, IPushProducer
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IHalfCloseableProtocol,
+    IProtocol,
+    IPushProducer,
+)
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
-from mtproxy_tw import _fastwrite, obfuscated2
+from mtproxy_tw import _fastwrite, faketls, fronting, obfuscated2, tlsprofile
 from mtproxy_tw.core import ProxyCore
 from mtproxy_tw.obfuscated2 import (
     TAG_ABRIDGED,
@@ -34,7 +41,11 @@ __all__ = ["ClientFactory", "ClientProtocol", "DCProtocol"]
 _TAGS_BY_MODE = {
     Mode.CLASSIC: frozenset({TAG_ABRIDGED, TAG_INTERMEDIATE}),
     Mode.SECURE: frozenset({TAG_PADDED}),
+    Mode.TLS: frozenset({TAG_PADDED}),
 }
+
+#: First words of HTTP requests; a conforming client's init never starts so.
+_HTTP_VERBS = frozenset({b"GET ", b"POST", b"HEAD", b"OPTI", b"PUT ", b"DELE", b"CONN", b"PATC"})
 
 
 class Transport(TypingProtocol):
@@ -45,6 +56,7 @@ class Transport(TypingProtocol):
 
     def write(self, data: bytes) -> None: ...
     def loseConnection(self) -> None: ...
+    def loseWriteConnection(self) -> None: ...
     def abortConnection(self) -> None: ...
     def getPeer(self) -> IAddress: ...
     def getHost(self) -> IAddress: ...
@@ -88,6 +100,7 @@ def _discard(data: bytes) -> None:
     pass
 
 
+@implementer(IHalfCloseableProtocol)
 class ClientProtocol(Protocol):
     """
     One client: handshake, then a relay to its DC.
@@ -120,6 +133,16 @@ class ClientProtocol(Protocol):
         self.bytes_in = 0
         self.bytes_out = 0
         self._seen = -1
+        # Fake TLS: the secret the hello matched, and the record layers.
+        self._sni: str | None = None
+        self._tls_secret: Secret | None = None
+        self._tls_in: faketls.TLSRecordReader | None = None
+        self._inner: Callable[[bytes], None] = _discard
+        # Fronting.
+        self._fronting = False
+        self._front: fronting.FrontProtocol | None = None
+        self._client_eof = False
+        self._front_eof = False
 
     # -- lifecycle
 
@@ -131,7 +154,7 @@ class ClientProtocol(Protocol):
             return
         core.clients.add(self)
         core.stats.active += 1
-        self._handler = self._read_init
+        self._handler = self._read_first
         self._timer = core.reactor.callLater(
             self.settings.handshake_timeout, self._handshake_timed_out
         )
@@ -160,6 +183,10 @@ class ClientProtocol(Protocol):
         session, self._session = self._session, None
         if session is not None:
             session.close()
+        front, self._front = self._front, None
+        if front is not None:
+            front.transport.unregisterProducer()
+            front.transport.loseConnection()
         self._pending = []
 
     def _cancel_timer(self) -> None:
@@ -182,37 +209,130 @@ class ClientProtocol(Protocol):
 
     def _handshake_timed_out(self) -> None:
         self._timer = None
-        self.reject("handshake-timeout")
+        if self._tls_secret is None:
+            self.front("handshake-timeout", tls=self.settings.tls_enabled)
+        else:
+            self.reject("handshake-timeout")
 
     # -- handshake
 
-    def _read_init(self, data: bytes) -> None:
+    def _read_first(self, data: bytes) -> None:
+        """
+        The first bytes: a fake-TLS ClientHello or an obfuscated2 init.
+        """
         buf = self._buffer
         buf += data
+        settings = self.settings
+        if settings.tls_enabled and buf[:1] == b"\x16":
+            try:
+                hello = faketls.read_client_hello(bytes(buf))
+            except faketls.TLSError:
+                self.front("tls-malformed", tls=True)
+                return
+            if isinstance(hello, faketls.NeedMore):
+                return
+            if hello is not None:
+                self._accept_hello(hello)
+                return
+        plain_modes = settings.modes - {Mode.TLS}
+        if not plain_modes:
+            self.front("not-tls", tls=True)
+            return
+        if bytes(buf[:4]) in _HTTP_VERBS:
+            self.front("http")
+            return
         if len(buf) < obfuscated2.INIT_LENGTH:
             return
         init = bytes(buf[: obfuscated2.INIT_LENGTH])
         rest = bytes(buf[obfuscated2.INIT_LENGTH :])
-        self._buffer = bytearray()
-        self.accept_init(init, rest, (Mode.CLASSIC, Mode.SECURE))
+        self.accept_init(init, rest, (Mode.CLASSIC, Mode.SECURE), self.settings.secrets)
 
-    def accept_init(self, init: bytes, rest: bytes, modes: tuple[Mode, ...]) -> None:
+    def _accept_hello(self, hello: faketls.HelloRecord) -> None:
+        settings = self.settings
+        candidates = [(s, s.key) for s in settings.secrets if s.kind is Mode.TLS]
+        try:
+            match = faketls.verify_client_hello(hello.record, candidates)
+        except faketls.TLSError:
+            match = None
+        if match is None:
+            self.front("tls-bad-digest", tls=True)
+            return
+        self._sni = match.server_name
+        if match.server_name is None or match.server_name.lower() not in settings.tls_domains:
+            self.front("tls-unknown-sni", tls=True)
+            return
+        now = self.core.reactor.seconds()
+        if not faketls.timestamp_ok(match.timestamp, now, skew=settings.tls_time_skew):
+            self.front("tls-stale", tls=True)
+            return
+        if self.core.replay.check_and_add(b"tls:" + match.client_random):
+            self.front("tls-replay", tls=True)
+            return
+        profile = self.core.tls_profiles.get(match.server_name.lower())
+        size = profile.pick_size() if profile else tlsprofile.fallback_size()
+        flight = faketls.build_server_hello(
+            match.secret,
+            match.client_random,
+            match.session_id,
+            cipher_suite=match.cipher_suite,
+            app_data_len=size,
+            key_share_first=profile.key_share_first if profile else True,
+        )
+        self.transport.write(flight)
+        self._tls_secret = match.name
+        self._tls_in = faketls.TLSRecordReader()
+        rest = bytes(self._buffer[hello.consumed :])
+        self._buffer = bytearray()
+        self._handler = self._read_tls_init
+        if rest:
+            self._read_tls_init(rest)
+
+    def _read_tls_init(self, data: bytes) -> None:
+        assert self._tls_in is not None and self._tls_secret is not None
+        try:
+            plain = self._tls_in.feed(data)
+        except faketls.TLSError:
+            self.reject("tls-bad-record")
+            return
+        buf = self._buffer
+        buf += plain
+        if len(buf) < obfuscated2.INIT_LENGTH:
+            return
+        init = bytes(buf[: obfuscated2.INIT_LENGTH])
+        rest = bytes(buf[obfuscated2.INIT_LENGTH :])
+        self.accept_init(init, rest, (Mode.TLS,), (self._tls_secret,))
+
+    def accept_init(
+        self, init: bytes, rest: bytes, modes: tuple[Mode, ...], secrets: Iterable[Secret]
+    ) -> None:
         """
-        Match an init against every secret; start the relay or reject.
+        Match an init against ``secrets``; start the relay, or give up.
+
+        ``rest`` is what followed the init, already out of any TLS records.
         """
-        matched = self._match(init, modes)
+        self._buffer = bytearray()
+        matched = self._match(init, modes, secrets)
+        tls = Mode.TLS in modes
         if matched is None:
-            self.reject("bad-init")
+            if tls:
+                self.reject("tls-bad-init")
+            else:
+                self.front("bad-init")
             return
         secret, accepted = matched
         if self.core.replay.check_and_add(init[8:56]):
-            self.reject("replay")
+            if tls:
+                self.reject("replay")
+            else:
+                self.front("replay")
             return
         self._start(secret, accepted, rest)
 
-    def _match(self, init: bytes, modes: tuple[Mode, ...]) -> tuple[Secret, AcceptedInit] | None:
+    def _match(
+        self, init: bytes, modes: tuple[Mode, ...], secrets: Iterable[Secret]
+    ) -> tuple[Secret, AcceptedInit] | None:
         enabled = self.settings.modes
-        for secret in self.settings.secrets:
+        for secret in secrets:
             allowed = secret.admits() & enabled
             tags = frozenset().union(*(_TAGS_BY_MODE[m] for m in modes if m in allowed))
             if not tags:
@@ -221,6 +341,122 @@ class ClientProtocol(Protocol):
             if accepted is not None:
                 return secret, accepted
         return None
+
+    # -- fronting
+
+    def front(self, reason: str, tls: bool = False) -> None:
+        """
+        Hand a failed handshake to the mask host, or close it.
+
+        Fake-TLS failures are always fronted; other failures only when
+        masking is on. Every byte read so far is sent first.
+        """
+        settings = self.settings
+        target = settings.mask_target(self._sni) if (tls or settings.masking) else None
+        if target is None or self.core.mask_disabled:
+            self.reject(reason)
+            return
+        self.core.stats.fronted[reason] += 1
+        self.log.debug("fronting {peer}: {reason}", peer=self.transport.getPeer(), reason=reason)
+        self._cancel_timer()
+        self._fronting = True
+        self._pending = []
+        if settings.mask_proxy_protocol:
+            self._pending.append(
+                fronting.proxy_protocol_header(self.transport.getPeer(), self.transport.getHost())
+            )
+        if self._buffer:
+            self._pending.append(bytes(self._buffer))
+            self.bytes_in += len(self._buffer)
+        self._buffer = bytearray()
+        self._handler = self._queue_front
+        self.transport.pauseProducing()
+        connecting = self._connecting = self.core.connect(target, fronting.FrontFactory(self))
+        connecting.addCallbacks(lambda _: None, self._front_failed)
+        self._timer = self.core.reactor.callLater(self.settings.idle_timeout, self._idle_check)
+
+    def _queue_front(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        self._pending.append(data)
+
+    def _front_failed(self, failure: Failure) -> None:
+        self._connecting = None
+        if failure.check(CancelledError) or self.closed:
+            return
+        self.core.stats.upstream_failures["mask-host"] += 1
+        self.log.debug("mask host unreachable: {error}", error=failure.getErrorMessage())
+        self.transport.abortConnection()
+
+    def front_connected(self, front: fronting.FrontProtocol) -> None:
+        self._connecting = None
+        if self.closed:
+            front.transport.loseConnection()
+            return
+        peer, here = front.transport.getPeer(), self.transport.getHost()
+        if (getattr(peer, "host", 1), getattr(peer, "port", 1)) == (
+            getattr(here, "host", 2),
+            getattr(here, "port", 2),
+        ):
+            self.log.error("the mask host is this proxy's own listening address; not fronting")
+            self.core.stats.upstream_failures["mask-loop"] += 1
+            front.transport.abortConnection()
+            self.transport.abortConnection()
+            return
+        self._front = front
+        front.transport.write(b"".join(self._pending))
+        self._pending = []
+        front.transport.registerProducer(self.transport, True)
+        self.transport.registerProducer(front.transport, True)  # type: ignore[arg-type]
+        self._handler = self._relay_to_front
+        if self._client_eof:
+            front.transport.loseWriteConnection()
+        else:
+            self.transport.resumeProducing()
+
+    def _relay_to_front(self, data: bytes) -> None:
+        assert self._front is not None
+        self.bytes_in += len(data)
+        _fastwrite.write(self._front.transport, data)
+
+    def front_data(self, data: bytes) -> None:
+        self.bytes_out += len(data)
+        _fastwrite.write(self.transport, data)
+
+    def front_read_closed(self) -> None:
+        self._front_eof = True
+        if self._client_eof:
+            self._close_front_pair()
+        elif not self.closed:
+            self.transport.loseWriteConnection()
+
+    def front_lost(self) -> None:
+        front, self._front = self._front, None
+        if front is not None and not self.closed:
+            self.transport.unregisterProducer()
+            self.transport.loseConnection()
+
+    def _close_front_pair(self) -> None:
+        if self._front is not None:
+            self._front.transport.unregisterProducer()
+            self._front.transport.loseConnection()
+        if not self.closed:
+            self.transport.unregisterProducer()
+            self.transport.loseConnection()
+
+    # IHalfCloseableProtocol: a client's half-close matters only when fronting.
+
+    def readConnectionLost(self) -> None:
+        self._client_eof = True
+        if not self._fronting:
+            self.transport.loseConnection()
+        elif self._front_eof:
+            self._close_front_pair()
+        elif self._front is not None:
+            self._front.transport.loseWriteConnection()
+
+    def writeConnectionLost(self) -> None:
+        if not self._fronting:
+            self.transport.loseConnection()
 
     def _start(self, secret: Secret, accepted: AcceptedInit, rest: bytes) -> None:
         core = self.core
@@ -249,14 +485,35 @@ class ClientProtocol(Protocol):
         self._pending = [upstream_init.wire]
         if rest:
             self._queue(rest)
-        self._handler = self._queue
+        self._set_handler(self._queue)
         self.transport.pauseProducing()
         connecting = self._connecting = core.connect(address, _DCFactory(self))
         connecting.addCallbacks(self._connected, self._connect_failed)
 
+    def _set_handler(self, handler: Callable[[bytes], None]) -> None:
+        """
+        Route incoming bytes to ``handler``, out of TLS records first if needed.
+        """
+        if self._tls_in is None:
+            self._handler = handler
+        else:
+            self._inner = handler
+            self._handler = self._unwrap
+
+    def _unwrap(self, data: bytes) -> None:
+        assert self._tls_in is not None
+        try:
+            plain = self._tls_in.feed(data)
+        except faketls.TLSError:
+            self.core.stats.rejected["tls-bad-record"] += 1
+            self.transport.abortConnection()
+            return
+        if plain:
+            self._inner(plain)
+
     def _start_middle(self, middle: MiddleUpstream, accepted: AcceptedInit, rest: bytes) -> None:
         self._session = middle.attach(self, accepted.dc, accepted.tag)
-        self._handler = self._relay_to_middle
+        self._set_handler(self._relay_to_middle)
         self._timer = self.core.reactor.callLater(self.settings.idle_timeout, self._idle_check)
         if rest:
             self._relay_to_middle(rest)
@@ -276,7 +533,10 @@ class ClientProtocol(Protocol):
             return
         assert self._to_client is not None
         self.bytes_out += len(framed)
-        _fastwrite.write(self.transport, self._to_client.update(framed))
+        data = self._to_client.update(framed)
+        if self._tls_in is not None:
+            data = faketls.wrap_records(data)
+        _fastwrite.write(self.transport, data)
 
     def buffered(self) -> int:
         """
@@ -337,7 +597,7 @@ class ClientProtocol(Protocol):
         upstream.registerProducer(self.transport, True)  # type: ignore[arg-type]
         self.transport.registerProducer(upstream, True)  # type: ignore[arg-type]
         protocol.relay_to = self._relay_to_client
-        self._handler = self._relay_to_dc
+        self._set_handler(self._relay_to_dc)
         self.transport.resumeProducing()
         self._timer = self.core.reactor.callLater(self.settings.idle_timeout, self._idle_check)
 
@@ -356,6 +616,8 @@ class ClientProtocol(Protocol):
         if self._from_dc is not None:
             assert self._to_client is not None
             data = self._to_client.update(self._from_dc.update(data))
+        if self._tls_in is not None:
+            data = faketls.wrap_records(data)
         _fastwrite.write(self.transport, data)
 
     def activity(self) -> int:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mtproxy_tw.dcs import DCTable
+from mtproxy_tw.dcs import Address, DCTable
 from mtproxy_tw.secrets import Mode, Secret
 
 __all__ = ["Settings"]
@@ -34,3 +34,45 @@ class Settings:
     replay_window: float = 600.0
     drain_timeout: float = 5.0
     state_dir: Path | None = None
+    #: Extra fake-TLS domains, beyond those inside ``ee`` secrets.
+    extra_tls_domains: frozenset[str] = frozenset()
+    #: Front bad classic/dd inits too; ``None``: when an ``ee`` secret exists.
+    mask: bool | None = None
+    mask_host: Address | None = None
+    mask_proxy_protocol: bool = False
+    tls_time_skew: float = 300.0
+
+    @property
+    def tls_domains(self) -> frozenset[str]:
+        """
+        Every domain a fake-TLS client may name, lower case.
+        """
+        inside = {s.domain for s in self.secrets if s.domain is not None}
+        return frozenset(d.lower() for d in inside | self.extra_tls_domains)
+
+    @property
+    def tls_enabled(self) -> bool:
+        return Mode.TLS in self.modes and any(s.kind is Mode.TLS for s in self.secrets)
+
+    @property
+    def masking(self) -> bool:
+        """
+        Whether bad non-TLS handshakes are fronted.
+        """
+        if self.mask is None:
+            return any(s.kind is Mode.TLS for s in self.secrets)
+        return self.mask
+
+    def mask_target(self, sni: str | None) -> Address | None:
+        """
+        Where a failed handshake goes: the mask host, else the SNI's
+        configured domain (or the first domain) on port 443.
+        """
+        if self.mask_host is not None:
+            return self.mask_host
+        domains = self.tls_domains
+        if sni is not None and sni.lower() in domains:
+            return Address(sni.lower(), 443)
+        if domains:
+            return Address(sorted(domains)[0], 443)
+        return None

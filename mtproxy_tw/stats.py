@@ -21,6 +21,7 @@ class Stats:
     """
 
     rejected: Counter[str] = field(default_factory=Counter)
+    fronted: Counter[str] = field(default_factory=Counter)
     accepted: Counter[str] = field(default_factory=Counter)
     upstream_failures: Counter[str] = field(default_factory=Counter)
     bytes_from_clients: int = 0
@@ -34,6 +35,7 @@ class Stats:
             "idle_closed": self.idle_closed,
             "accepted": dict(self.accepted),
             "rejected": dict(self.rejected),
+            "fronted": dict(self.fronted),
             "upstream_failures": dict(self.upstream_failures),
             "bytes_from_clients": self.bytes_from_clients,
             "bytes_to_clients": self.bytes_to_clients,

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from mtproxy_tw import __version__
-from mtproxy_tw.dcs import Address, DCTable, parse_dc_override
+from mtproxy_tw.dcs import Address, DCTable, parse_address, parse_dc_override
 from mtproxy_tw.secrets import Mode, Secret, SecretError, links, parse_secret
 from mtproxy_tw.service import ProxyService
 from mtproxy_tw.settings import Settings
@@ -57,6 +58,9 @@ class Options(usage.Options):
     optFlags = [
         ["prefer-ipv6", None, "Connect to Telegram's DCs over IPv6."],
         ["no-fast-mode", None, "Re-encrypt the download direction instead of passing it through."],
+        ["mask", None, "Front bad classic/dd handshakes too (default when an ee secret is set)."],
+        ["no-mask", None, "Close bad classic/dd handshakes instead of fronting them."],
+        ["mask-proxy-protocol", None, "Send a PROXY protocol v1 header to the mask host."],
     ]
     optParameters = [
         ["port", "p", None, "TCP port to listen on, all IPv4 interfaces (default 443).", int],
@@ -70,6 +74,13 @@ class Options(usage.Options):
         ["replay-capacity", None, "65536", "Handshakes remembered against replays."],
         ["replay-window", None, "600", "Seconds a handshake is remembered."],
         ["drain-timeout", None, "5", "Seconds busy connections get to finish on shutdown."],
+        [
+            "mask-host",
+            None,
+            None,
+            "HOST[:PORT] failed handshakes are fronted to (default: SNI:443).",
+        ],
+        ["tls-time-skew", None, "300", "Seconds a fake-TLS client's clock may be off."],
     ]
 
     def __init__(self) -> None:
@@ -77,6 +88,7 @@ class Options(usage.Options):
         self["listen"] = []
         self["secrets"] = []
         self["dc"] = {}
+        self["tls-domains"] = []
 
     def opt_listen(self, description: str) -> None:
         """Listen on a Twisted endpoint, e.g. tcp6:443 (repeatable; replaces --port)."""
@@ -99,6 +111,12 @@ class Options(usage.Options):
         except ValueError as e:
             raise usage.UsageError(f"--dc: {e}") from None
         self["dc"][dc] = address
+
+    def opt_tls_domain(self, domain: str) -> None:
+        """Another fake-TLS domain for the ee secrets (repeatable)."""
+        if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252})", domain) or ".." in domain:
+            raise usage.UsageError(f"--tls-domain: {domain!r} is not a host name")
+        self["tls-domains"].append(domain.lower())
 
     def opt_version(self) -> None:
         """
@@ -135,6 +153,14 @@ class Options(usage.Options):
             raise usage.UsageError(f"--drain-timeout: {drain!r} is not a number") from None
         if self["drain-timeout"] < 0:
             raise usage.UsageError("--drain-timeout: must not be negative")
+        if self["mask"] and self["no-mask"]:
+            raise usage.UsageError("--mask: give either --mask or --no-mask")
+        self["tls-time-skew"] = _positive("tls-time-skew", self["tls-time-skew"])
+        if self["mask-host"] is not None:
+            try:
+                self["mask-host"] = parse_address(self["mask-host"], default_port=443)
+            except ValueError as e:
+                raise usage.UsageError(f"--mask-host: {e}") from None
         for name in ("max-connections", "replay-capacity"):
             self[name] = _count(name, self[name])
         for secret in self["secrets"]:
@@ -219,9 +245,15 @@ def settings_from_options(options: Options, secrets: tuple[Secret, ...]) -> Sett
         connect_timeout=options["connect-timeout"],
         max_connections=options["max-connections"],
         replay_capacity=options["replay-capacity"],
-        replay_window=options["replay-window"],
         drain_timeout=options["drain-timeout"],
         state_dir=options["state-dir"],
+        extra_tls_domains=frozenset(options["tls-domains"]),
+        mask=True if options["mask"] else False if options["no-mask"] else None,
+        mask_host=options["mask-host"],
+        mask_proxy_protocol=bool(options["mask-proxy-protocol"]),
+        tls_time_skew=options["tls-time-skew"],
+        # A replayed hello must be caught for as long as its timestamp is accepted.
+        replay_window=max(options["replay-window"], 2 * options["tls-time-skew"]),
     )
 
 

@@ -1,0 +1,73 @@
+"""
+Domain fronting: handing a connection that failed its handshake to a real
+web site, so a probe sees that site (PROTOCOL.md section 5).
+
+Every byte already read is sent first, then both directions are relayed
+with flow control until either side closes; half-closes pass through like a
+plain TCP relay.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from twisted.internet.interfaces import IAddress, IHalfCloseableProtocol
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+__all__ = ["FrontProtocol", "proxy_protocol_header"]
+
+
+def proxy_protocol_header(source: IAddress, destination: IAddress) -> bytes:
+    """
+    A PROXY protocol v1 line naming the client for the mask host.
+    """
+    src_host = getattr(source, "host", None)
+    dst_host = getattr(destination, "host", None)
+    if src_host is None or dst_host is None:
+        return b"PROXY UNKNOWN\r\n"
+    try:
+        family = "TCP6" if ipaddress.ip_address(src_host).version == 6 else "TCP4"
+    except ValueError:
+        return b"PROXY UNKNOWN\r\n"
+    line = f"PROXY {family} {src_host} {dst_host} {source.port} {destination.port}\r\n"  # type: ignore[attr-defined]
+    return line.encode("ascii")
+
+
+@implementer(IHalfCloseableProtocol)
+class FrontProtocol(Protocol):
+    """
+    The connection to the mask host on behalf of one client.
+    """
+
+    transport: Any
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    def connectionMade(self) -> None:
+        self.client.front_connected(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.client.front_data(data)
+
+    def readConnectionLost(self) -> None:
+        self.client.front_read_closed()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.client.front_lost()
+
+
+class FrontFactory(Factory):
+    noisy = False
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    def buildProtocol(self, addr: Any) -> FrontProtocol:
+        return FrontProtocol(self.client)

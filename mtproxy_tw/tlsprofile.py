@@ -1,0 +1,193 @@
+"""
+What the fronted web site's TLS answer looks like, so ours can look the same.
+
+The proxy sends the site a ClientHello of its own (the shape Telegram apps
+send) and reads the answer: the cipher suite and extension order of the
+ServerHello, and the size of the first encrypted record, which carries the
+site's certificate chain. Fake-TLS answers then use that size, with the
+small jitter a real site shows, and that extension order (PROTOCOL.md
+sections 4.6 and 4.8, section 13 item 5).
+
+:func:`parse_server_answer` is pure; :class:`ProfileProber` is the Twisted
+side that fetches it.
+"""
+
+from __future__ import annotations
+
+import os
+import random as _random
+import time
+from dataclasses import dataclass
+
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mtproxy_tw.faketls import NeedMore, TLSError, build_client_hello
+
+__all__ = ["ProfileProber", "TLSProfile", "parse_server_answer"]
+
+_KEY_SHARE = 0x0033
+_SUPPORTED_VERSIONS = 0x002B
+_MAX_ANSWER = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """
+    One answer of the site.
+    """
+
+    cipher_suite: int
+    key_share_first: bool
+    app_data_len: int
+
+
+@dataclass(frozen=True, slots=True)
+class TLSProfile:
+    """
+    What several answers of one site had in common.
+
+    :ivar sizes: the first encrypted record's sizes seen.
+    """
+
+    sizes: tuple[int, ...]
+    cipher_suite: int
+    key_share_first: bool
+
+    @classmethod
+    def from_observations(cls, seen: list[Observation]) -> TLSProfile:
+        last = seen[-1]
+        return cls(
+            tuple(sorted(o.app_data_len for o in seen)), last.cipher_suite, last.key_share_first
+        )
+
+    def pick_size(self, rng: _random.Random | None = None) -> int:
+        """
+        A size for one answer: one seen, moved by at most one byte.
+        """
+        rng = rng or _random.SystemRandom()
+        return max(1, min(16384, rng.choice(self.sizes) + rng.randint(-1, 1)))
+
+
+def fallback_size(rng: _random.Random | None = None) -> int:
+    """
+    A plausible size of a certificate-carrying record when no profile exists.
+    """
+    rng = rng or _random.SystemRandom()
+    return 2500 + rng.randrange(1120)
+
+
+def parse_server_answer(data: bytes) -> Observation | NeedMore:
+    """
+    Read a TLS 1.3 ServerHello, ChangeCipherSpec and the first ApplicationData
+    record from the start of ``data``.
+
+    :raises TLSError: on anything else (an alert, TLS 1.2, garbage).
+    """
+    records: list[tuple[int, bytes]] = []
+    pos = 0
+    while len(records) < 3:
+        if len(data) < pos + 5:
+            return NeedMore(pos + 5)
+        kind = data[pos]
+        length = int.from_bytes(data[pos + 3 : pos + 5], "big")
+        if data[pos + 1] != 3 or length > 16384 + 256:
+            raise TLSError("not a TLS record")
+        if len(data) < pos + 5 + length:
+            return NeedMore(pos + 5 + length)
+        records.append((kind, data[pos + 5 : pos + 5 + length]))
+        pos += 5 + length
+    (k1, hello), (k2, ccs), (k3, app) = records
+    if k1 != 0x16 or k2 != 0x14 or k3 != 0x17 or ccs != b"\x01":
+        raise TLSError("the answer is not ServerHello, ChangeCipherSpec, ApplicationData")
+    cipher, order = _parse_server_hello(hello)
+    if _SUPPORTED_VERSIONS not in order or _KEY_SHARE not in order:
+        raise TLSError("the server did not answer with TLS 1.3")
+    first = order.index(_KEY_SHARE) < order.index(_SUPPORTED_VERSIONS)
+    return Observation(cipher, first, len(app))
+
+
+def _parse_server_hello(hello: bytes) -> tuple[int, list[int]]:
+    try:
+        if hello[0] != 0x02:
+            raise TLSError("not a ServerHello")
+        pos = 4 + 2 + 32
+        pos += 1 + hello[pos]
+        cipher = int.from_bytes(hello[pos : pos + 2], "big")
+        pos += 3
+        end = pos + 2 + int.from_bytes(hello[pos : pos + 2], "big")
+        pos += 2
+        order = []
+        while pos + 4 <= end:
+            order.append(int.from_bytes(hello[pos : pos + 2], "big"))
+            pos += 4 + int.from_bytes(hello[pos + 2 : pos + 4], "big")
+    except IndexError:
+        raise TLSError("truncated ServerHello") from None
+    if pos != end or end > len(hello):
+        raise TLSError("malformed ServerHello extensions")
+    return cipher, order
+
+
+class _Probe(Protocol):
+    def __init__(self, domain: str, result: Deferred[Observation]) -> None:
+        self.domain = domain
+        self.result = result
+        self.buffer = b""
+
+    def connectionMade(self) -> None:
+        hello = build_client_hello(os.urandom(16), self.domain, int(time.time()))
+        self.transport.write(hello)  # type: ignore[union-attr]
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        try:
+            answer = parse_server_answer(self.buffer)
+        except TLSError as e:
+            self._finish(Failure(e))
+            return
+        if isinstance(answer, Observation):
+            self._finish(answer)
+        elif len(self.buffer) > _MAX_ANSWER:
+            self._finish(Failure(TLSError("answer too long")))
+
+    def _finish(self, result: Observation | Failure) -> None:
+        if not self.result.called:
+            self.result.callback(result) if isinstance(
+                result, Observation
+            ) else self.result.errback(result)
+        self.transport.abortConnection()  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if not self.result.called:
+            self.result.errback(TLSError("the site closed before answering"))
+
+
+class ProfileProber:
+    """
+    Fetches one observation of a site's TLS answer.
+
+    :param connect: ``connect(factory) -> Deferred`` toward the site, e.g. an
+        endpoint's ``connect``.
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor: object, timeout: float = 5.0) -> None:
+        self.reactor = reactor
+        self.timeout = timeout
+
+    def probe(self, endpoint: object, domain: str) -> Deferred[Observation]:
+        result: Deferred[Observation] = Deferred()
+        factory = Factory.forProtocol(lambda: _Probe(domain, result))
+        factory.noisy = False
+        connecting = endpoint.connect(factory)  # type: ignore[attr-defined]
+
+        def failed(failure: Failure) -> None:
+            if not result.called:
+                result.errback(failure)
+
+        connecting.addErrback(failed)
+        result.addTimeout(self.timeout, self.reactor)  # type: ignore[arg-type]
+        return result
