@@ -5,6 +5,7 @@ The proxy as a Twisted service: listeners, shared state, orderly shutdown.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import resource
 from collections.abc import Sequence
 from typing import Any
@@ -21,6 +22,7 @@ from mtproxy_tw._fastwrite import tune_malloc
 from mtproxy_tw.core import ProxyCore
 from mtproxy_tw.relay import ClientFactory
 from mtproxy_tw.settings import Settings
+from mtproxy_tw.tlsprofile import ProfileService
 
 __all__ = ["ProxyService", "raise_open_file_limit"]
 
@@ -61,6 +63,10 @@ class ProxyService(MultiService):
             listener._raiseSynchronously = True  # a port in use must fail the start
             listener.setServiceParent(self)
             self.listeners.append(listener)
+        self.profiles: ProfileService | None = None
+        if settings.tls_enabled:
+            self.profiles = ProfileService(self.core)
+            self.profiles.setServiceParent(self)
 
     @property
     def settings(self) -> Settings:
@@ -78,6 +84,36 @@ class ProxyService(MultiService):
         )
         return dl.addCallback(lambda results: [port for _, port in results])
 
+    def _check_mask_loop(self, ports: list[IListeningPort]) -> None:
+        """
+        Refuse a mask host that is this proxy's own listening address: each
+        fronted connection would come back as a new bad client, forever.
+        """
+        settings = self.settings
+        targets = {settings.mask_target(domain) for domain in settings.tls_domains}
+        targets.add(settings.mask_target(None))
+        for target in targets:
+            if target is None:
+                continue
+            host = "127.0.0.1" if target.host == "localhost" else target.host
+            try:
+                address = ipaddress.ip_address(host)
+            except ValueError:
+                continue  # a name: each fronted connection is checked instead
+            for port in ports:
+                here = port.getHost()
+                if getattr(here, "port", None) != target.port:
+                    continue
+                bound = ipaddress.ip_address(getattr(here, "host", "0.0.0.0"))
+                if address == bound or (bound.is_unspecified and address.is_loopback):
+                    self.log.error(
+                        "--mask-host {target} is this proxy's own listening address; "
+                        "failed handshakes will be closed instead of fronted",
+                        target=str(target),
+                    )
+                    self.core.mask_disabled = True
+                    return
+
     def startService(self) -> None:
         soft, hard = raise_open_file_limit()
         self.log.info("open file limit: {soft} (hard {hard})", soft=soft, hard=hard)
@@ -85,6 +121,11 @@ class ProxyService(MultiService):
             self.log.info("malloc thresholds not tuned (not glibc)")
         self.core.draining = False
         super().startService()
+        if any(listener._waitingForPort is None for listener in self.listeners):
+            return
+        self.listening().addCallback(self._check_mask_loop).addErrback(
+            lambda f: self.log.failure("listening failed", f)
+        )
 
     def stopService(self) -> Deferred[None]:
         stopped: Deferred[Any] = super().stopService() or succeed(None)

@@ -18,15 +18,21 @@ import os
 import random as _random
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import Deferred
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mtproxy_tw.faketls import NeedMore, TLSError, build_client_hello
 
-__all__ = ["ProfileProber", "TLSProfile", "parse_server_answer"]
+if TYPE_CHECKING:
+    from mtproxy_tw.core import ProxyCore
+
+__all__ = ["ProfileProber", "ProfileService", "TLSProfile", "parse_server_answer"]
 
 _KEY_SHARE = 0x0033
 _SUPPORTED_VERSIONS = 0x002B
@@ -191,3 +197,83 @@ class ProfileProber:
         connecting.addErrback(failed)
         result.addTimeout(self.timeout, self.reactor)  # type: ignore[arg-type]
         return result
+
+
+class ProfileService(Service):
+    """
+    Measures each fronted site at start and every ``interval`` seconds.
+
+    Each round makes ``probes`` connections per domain; a domain whose probes
+    all fail keeps its last profile, or has none (answers then use plausible
+    random sizes).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        core: ProxyCore,
+        interval: float = 3600.0,
+        probes: int = 3,
+        timeout: float = 5.0,
+    ) -> None:
+        self.core = core
+        self.probes = probes
+        self.prober = ProfileProber(core.reactor, timeout)
+        self._loop = LoopingCall(self.refresh)
+        self._loop.clock = core.reactor
+        self.interval = interval
+        self.rounds = 0
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop.start(self.interval, now=True).addErrback(
+            lambda f: self.log.failure("TLS profile loop stopped", f)
+        )
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._loop.running:
+            self._loop.stop()
+
+    def refresh(self) -> Deferred[None]:
+        """
+        Probe every domain once round; fires when all are done. Never fails.
+        """
+        settings = self.core.settings
+        rounds = [self._measure(domain) for domain in sorted(settings.tls_domains)]
+        done: Deferred[Any] = DeferredList(rounds, consumeErrors=True)
+        return done.addCallback(self._counted)
+
+    def _counted(self, _: object) -> None:
+        self.rounds += 1
+
+    def _measure(self, domain: str) -> Deferred[None]:
+        target = self.core.settings.mask_target(domain)
+        if target is None or self.core.mask_disabled:
+            return succeed(None)
+        attempts = [
+            self.prober.probe(self.core.endpoint(target), domain) for _ in range(self.probes)
+        ]
+        measured: Deferred[Any] = DeferredList(attempts, consumeErrors=True)
+
+        def record(results: list[tuple[bool, Any]]) -> None:
+            seen = [value for ok, value in results if ok]
+            if not seen:
+                reason = results[0][1].getErrorMessage() if results else "no probe"
+                self.log.info(
+                    "could not measure the TLS answer of {domain}: {reason}",
+                    domain=domain,
+                    reason=reason,
+                )
+                return
+            profile = TLSProfile.from_observations(seen)
+            self.core.tls_profiles[domain] = profile
+            self.log.info(
+                "TLS answer of {domain}: first record {sizes} bytes, cipher {cipher:04x}",
+                domain=domain,
+                sizes=list(profile.sizes),
+                cipher=profile.cipher_suite,
+            )
+
+        return measured.addCallback(record)
