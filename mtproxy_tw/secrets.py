@@ -29,6 +29,7 @@ __all__ = [
     "generate",
     "links",
     "parse_secret",
+    "parse_secrets_text",
 ]
 
 SECRET_LENGTH = 16
@@ -189,3 +190,28 @@ def links(secret: Secret, host: str, port: int) -> list[str]:
         result.append(f"tg://proxy?{query}")
         result.append(f"https://t.me/proxy?{query}")
     return result
+
+
+def parse_secrets_text(text: str, origin: str = "file") -> list[Secret]:
+    """
+    Parse a secrets file: one ``[NAME=]SECRET`` a line, ``#`` comments.
+
+    Unnamed secrets are called ``file1``, ``file2`` ... by line order.
+
+    :raises SecretError: naming the line.
+    """
+    secrets: list[Secret] = []
+    names: set[str] = set()
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        try:
+            secret = parse_secret(line, f"{origin}{len(secrets) + 1}")
+        except SecretError as e:
+            raise SecretError(f"line {number}: {e}") from None
+        if secret.name in names:
+            raise SecretError(f"line {number}: the name {secret.name!r} is used twice")
+        names.add(secret.name)
+        secrets.append(secret)
+    return secrets

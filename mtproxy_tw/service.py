@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import resource
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
@@ -63,10 +63,8 @@ class ProxyService(MultiService):
             listener._raiseSynchronously = True  # a port in use must fail the start
             listener.setServiceParent(self)
             self.listeners.append(listener)
-        self.profiles: ProfileService | None = None
-        if settings.tls_enabled:
-            self.profiles = ProfileService(self.core)
-            self.profiles.setServiceParent(self)
+        self.profiles = ProfileService(self.core)
+        self.profiles.setServiceParent(self)
 
     @property
     def settings(self) -> Settings:
@@ -83,6 +81,21 @@ class ProxyService(MultiService):
             [d for d in waiting if d is not None], fireOnOneErrback=True, consumeErrors=True
         )
         return dl.addCallback(lambda results: [port for _, port in results])
+
+    def reload(self, settings: Settings, revoked: Iterable[str] = ()) -> None:
+        """
+        Use ``settings`` for new connections; close those of ``revoked`` users.
+        """
+        core = self.core
+        domains = core.settings.tls_domains
+        core.settings = settings
+        self.factory.core = core
+        revoked = set(revoked)
+        for client in list(core.clients):
+            if client.user in revoked:
+                client.transport.loseConnection()
+        if settings.tls_domains != domains:
+            self.profiles.refresh()
 
     def _check_mask_loop(self, ports: list[IListeningPort]) -> None:
         """

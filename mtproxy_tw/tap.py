@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from twisted.python import usage
 
 from mtproxy_tw import __version__
 from mtproxy_tw.dcs import Address, DCTable, parse_address, parse_dc_override
+from mtproxy_tw.reload import SecretsReloader, read_secrets_file
 from mtproxy_tw.secrets import Mode, Secret, SecretError, links, parse_secret
 from mtproxy_tw.service import ProxyService
 from mtproxy_tw.settings import Settings
@@ -65,6 +67,7 @@ class Options(usage.Options):
     optParameters = [
         ["port", "p", None, "TCP port to listen on, all IPv4 interfaces (default 443).", int],
         ["state-dir", None, None, "Directory for state kept across restarts."],
+        ["secrets-file", None, None, "File of [NAME=]SECRET lines, re-read on SIGHUP."],
         ["public-host", None, None, "Host name or address put in the printed links."],
         ["modes", None, "classic,secure,tls", "Client modes accepted (classic, secure, tls)."],
         ["handshake-timeout", None, "10", "Seconds a client has to complete its handshake."],
@@ -163,6 +166,20 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--mask-host: {e}") from None
         for name in ("max-connections", "replay-capacity"):
             self[name] = _count(name, self[name])
+        self["fixed-secrets"] = list(self["secrets"])
+        if self["secrets-file"] is not None:
+            self["secrets-file"] = Path(self["secrets-file"])
+            try:
+                loaded = read_secrets_file(self["secrets-file"])
+            except SecretError as e:
+                raise usage.UsageError(f"--secrets-file: {e}") from None
+            names = {s.name for s in self["secrets"]}
+            for secret in loaded:
+                if secret.name in names:
+                    raise usage.UsageError(
+                        f"--secrets-file: the name {secret.name!r} is also a --secret"
+                    )
+            self["secrets"].extend(loaded)
         for secret in self["secrets"]:
             if not secret.admits() & modes:
                 raise usage.UsageError(
@@ -194,23 +211,27 @@ def _listen_port(description: str) -> tuple[str | None, int | None]:
 
 class _LinkAnnouncer(Service):
     """
-    Logs every secret's links once the proxy is listening.
+    Logs every secret's links once the proxy is listening, and those of
+    secrets added later.
     """
 
     def __init__(self, proxy: ProxyService, public_host: str | None) -> None:
         self.proxy = proxy
         self.public_host = public_host
+        self.host: str | None = None
+        self.port = 443
 
     def startService(self) -> None:
         super().startService()
-        self.proxy.listening().addCallback(self._announce).addErrback(
+        self.proxy.listening().addCallback(self._listening).addErrback(
             lambda f: log.failure("listening failed", f)
         )
 
-    def _announce(self, ports: list[Any]) -> None:
+    def _listening(self, ports: list[Any]) -> None:
         interface, port = _listen_port(self.proxy.listen[0])
         if ports and hasattr(ports[0], "getHost") and hasattr(ports[0].getHost(), "port"):
             port = ports[0].getHost().port
+        self.port = port or 443
         host = self.public_host
         if host is None:
             host = interface if interface not in (None, "", "0.0.0.0", "::") else _guess_host()
@@ -219,8 +240,14 @@ class _LinkAnnouncer(Service):
                 "from the internet",
                 host=host,
             )
-        for secret in self.proxy.settings.secrets:
-            for link in links(secret, host, port or 443):
+        self.host = host
+        self.announce(self.proxy.settings.secrets)
+
+    def announce(self, secrets: Sequence[Secret]) -> None:
+        if self.host is None:
+            return
+        for secret in secrets:
+            for link in links(secret, self.host, self.port):
                 log.info("{user}: {link}", user=secret.name, link=link)
 
 
@@ -278,5 +305,10 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     top = MultiService()
     proxy = ProxyService(settings, reactor, options["listen"])
     proxy.setServiceParent(top)
-    _LinkAnnouncer(proxy, options["public-host"]).setServiceParent(top)
+    announcer = _LinkAnnouncer(proxy, options["public-host"])
+    announcer.setServiceParent(top)
+    fixed = options["fixed-secrets"] or ([] if options["secrets-file"] else list(secrets))
+    SecretsReloader(
+        proxy, reactor, fixed, options["secrets-file"], announcer.announce
+    ).setServiceParent(top)
     return top

@@ -52,6 +52,54 @@ class OptionsTests(SynchronousTestCase):
         e = self.assertRaises(UsageError, parse, "--secret", "a=" + S, "--secret", "a=" + S)
         self.assertIn("twice", str(e))
 
+    def test_secrets_file(self) -> None:
+        path = Path(self.mktemp())
+        path.write_text(f"# users\nbob=dd{S}\n")
+        options = parse("--secret", "alice=" + S, "--secrets-file", str(path))
+        self.assertEqual([s.name for s in options["secrets"]], ["alice", "bob"])
+        path.write_text("bob=nothex\n")
+        e = self.assertRaises(UsageError, parse, "--secrets-file", str(path))
+        self.assertTrue(str(e).startswith("--secrets-file: line 1:"))
+        path.write_text(f"alice={S}\n")
+        e = self.assertRaises(
+            UsageError, parse, "--secret", "alice=" + S, "--secrets-file", str(path)
+        )
+        self.assertIn("also a --secret", str(e))
+        e = self.assertRaises(UsageError, parse, "--secrets-file", str(path) + ".missing")
+        self.assertTrue(str(e).startswith("--secrets-file: cannot read"))
+
+    def test_tls_options(self) -> None:
+        ee = "ee" + S + b"example.com".hex()
+        options = parse(
+            "--secret",
+            ee,
+            "--tls-domain",
+            "Other.Example",
+            "--mask-host",
+            "127.0.0.1:8443",
+            "--tls-time-skew",
+            "30",
+            "--mask-proxy-protocol",
+            "--no-mask",
+        )
+        settings = tap.settings_from_options(options, tuple(options["secrets"]))
+        self.assertEqual(settings.tls_domains, {"example.com", "other.example"})
+        self.assertEqual(settings.mask_host, Address("127.0.0.1", 8443))
+        self.assertEqual((settings.tls_time_skew, settings.mask), (30.0, False))
+        self.assertTrue(settings.mask_proxy_protocol)
+        self.assertGreaterEqual(settings.replay_window, 60)
+        self.assertEqual(
+            parse("--mask-host", "example.org")["mask-host"], Address("example.org", 443)
+        )
+        for bad in (
+            ["--tls-domain", "bad..name"],
+            ["--mask-host", "[zz]:1"],
+            ["--mask", "--no-mask"],
+            ["--tls-time-skew", "-1"],
+        ):
+            e = self.assertRaises(UsageError, parse, *bad)
+            self.assertTrue(str(e).startswith(bad[0]), str(e))
+
     def test_dc(self) -> None:
         options = parse("--dc=-2=[::1]:443", "--dc", "-4=127.0.0.1:5", "--dc", "1=localhost:7")
         self.assertEqual(

@@ -1,0 +1,109 @@
+"""
+SIGHUP: apply a new set of secrets without dropping other connections.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.logger import Logger
+
+from mtproxy_tw.secrets import Secret, SecretError, parse_secrets_text
+from mtproxy_tw.service import ProxyService
+
+__all__ = ["SecretsReloader", "read_secrets_file"]
+
+
+def read_secrets_file(path: Path) -> list[Secret]:
+    """
+    :raises SecretError: naming the line, or why the file cannot be read.
+    """
+    try:
+        text = path.read_text("utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise SecretError(f"cannot read {path}: {e}") from None
+    return parse_secrets_text(text)
+
+
+class SecretsReloader(Service):
+    """
+    Re-reads the secrets file on SIGHUP (or :meth:`reload`) and hands the
+    proxy its new secret set.
+
+    Connections of secrets that are gone are closed; every other connection
+    carries on untouched. A file that does not parse changes nothing.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        proxy: ProxyService,
+        reactor: Any,
+        fixed: Sequence[Secret],
+        path: Path | None,
+        announce: Callable[[Sequence[Secret]], None],
+    ) -> None:
+        self.proxy = proxy
+        self.reactor = reactor
+        self.fixed = tuple(fixed)
+        self.path = path
+        self.announce = announce
+        self._previous: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGHUP, self._on_signal)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._previous is not None:
+            signal.signal(signal.SIGHUP, self._previous)
+            self._previous = None
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        # Nothing but scheduling happens inside a signal handler.
+        self.reactor.callFromThread(self.reload)
+
+    def reload(self) -> bool:
+        """
+        Apply the secrets file now; return whether anything was applied.
+        """
+        if self.path is None:
+            self.log.info("SIGHUP: no --secrets-file, nothing to reload")
+            return False
+        try:
+            loaded = read_secrets_file(self.path)
+        except SecretError as e:
+            self.log.error("--secrets-file not reloaded: {error}", error=str(e))
+            return False
+        names = {s.name for s in self.fixed}
+        clash = next((s.name for s in loaded if s.name in names), None)
+        if clash is not None:
+            self.log.error("--secrets-file not reloaded: {name!r} is also a --secret", name=clash)
+            return False
+        secrets = self.fixed + tuple(loaded)
+        if not secrets:
+            self.log.error("--secrets-file not reloaded: it holds no secret")
+            return False
+        old = self.proxy.settings
+        before = {s.name: s for s in old.secrets}
+        after = {s.name: s for s in secrets}
+        gone = {name for name, s in before.items() if after.get(name) != s}
+        added = [s for s in secrets if before.get(s.name) != s]
+        self.proxy.reload(dataclasses.replace(old, secrets=secrets), gone)
+        self.log.info(
+            "secrets reloaded: {count} in use, {added} new, {gone} removed or changed",
+            count=len(secrets),
+            added=len(added),
+            gone=len(gone),
+        )
+        self.announce(added)
+        return True
