@@ -65,6 +65,14 @@ class ProxyService(MultiService):
             self.listeners.append(listener)
         self.profiles = ProfileService(self.core)
         self.profiles.setServiceParent(self)
+        self._stats_loop = LoopingCall(self.log_stats)
+        self._stats_loop.clock = reactor
+
+    def log_stats(self) -> None:
+        """
+        One line with the counters: connections, handshakes by outcome, bytes.
+        """
+        self.log.info("stats: {stats}", stats=self.core.stats.snapshot())
 
     @property
     def settings(self) -> Settings:
@@ -134,6 +142,9 @@ class ProxyService(MultiService):
             self.log.info("malloc thresholds not tuned (not glibc)")
         self.core.draining = False
         super().startService()
+        interval = self.settings.stats_interval
+        if interval > 0 and not self._stats_loop.running:
+            self._stats_loop.start(interval, now=False)
         if any(listener._waitingForPort is None for listener in self.listeners):
             return
         self.listening().addCallback(self._check_mask_loop).addErrback(
@@ -141,6 +152,9 @@ class ProxyService(MultiService):
         )
 
     def stopService(self) -> Deferred[None]:
+        if self._stats_loop.running:
+            self._stats_loop.stop()
+            self.log_stats()
         stopped: Deferred[Any] = super().stopService() or succeed(None)
         return stopped.addCallback(lambda _: self._drain())
 

@@ -41,6 +41,8 @@ class Settings:
     mask_host: Address | None = None
     mask_proxy_protocol: bool = False
     tls_time_skew: float = 300.0
+    #: Seconds between stats lines in the log; 0 turns them off.
+    stats_interval: float = 600.0
 
     @property
     def tls_domains(self) -> frozenset[str]:

@@ -84,6 +84,7 @@ class Options(usage.Options):
             "HOST[:PORT] failed handshakes are fronted to (default: SNI:443).",
         ],
         ["tls-time-skew", None, "300", "Seconds a fake-TLS client's clock may be off."],
+        ["stats-interval", None, "600", "Seconds between stats lines in the log (0: none)."],
     ]
 
     def __init__(self) -> None:
@@ -159,6 +160,12 @@ class Options(usage.Options):
         if self["mask"] and self["no-mask"]:
             raise usage.UsageError("--mask: give either --mask or --no-mask")
         self["tls-time-skew"] = _positive("tls-time-skew", self["tls-time-skew"])
+        try:
+            self["stats-interval"] = float(self["stats-interval"])
+        except ValueError:
+            raise usage.UsageError("--stats-interval: not a number") from None
+        if self["stats-interval"] < 0:
+            raise usage.UsageError("--stats-interval: must not be negative")
         if self["mask-host"] is not None:
             try:
                 self["mask-host"] = parse_address(self["mask-host"], default_port=443)
@@ -279,6 +286,7 @@ def settings_from_options(options: Options, secrets: tuple[Secret, ...]) -> Sett
         mask_host=options["mask-host"],
         mask_proxy_protocol=bool(options["mask-proxy-protocol"]),
         tls_time_skew=options["tls-time-skew"],
+        stats_interval=options["stats-interval"],
         # A replayed hello must be caught for as long as its timestamp is accepted.
         replay_window=max(options["replay-window"], 2 * options["tls-time-skew"]),
     )
