@@ -482,19 +482,24 @@ def build_client_hello(
     session_id: bytes | None = None,
     key_share: bytes | None = None,
     mlkem: bool = False,
+    consistent_grease: bool = False,
 ) -> bytes:
     """Build a ClientHello record the way tdlib does, signed with ``secret``.
 
     Without ``mlkem`` it is the classic 517-byte hello (padded); with ``mlkem`` it also
     offers an X25519MLKEM768 share, ALPS and ECH like current apps (~1.8 KB, no padding).
     ``session_id`` and the X25519 ``key_share`` default to random bytes.
+    ``consistent_grease`` gives the GREASE key share the GREASE group listed in
+    supported_groups, as tdlib does (the known-answer layout does not).
     """
     if session_id is None:
         session_id = os.urandom(32)
     if key_share is None:
         key_share = os.urandom(32)
     groups = b"\x1a\x1a" + (b"\x11\xec" if mlkem else b"") + b"\x00\x1d\x00\x17\x00\x18"
-    shares = b"\x2a\x2a\x00\x01\x00"  # GREASE entry
+    # tdlib's GREASE key share uses the GREASE group it lists; the published
+    # vector does not, and OpenSSL refuses a share for an unlisted group.
+    shares = (b"\x1a\x1a" if consistent_grease else b"\x2a\x2a") + b"\x00\x01\x00"
     if mlkem:
         shares += b"\x11\xec" + _vector16(os.urandom(1216))
     shares += b"\x00\x1d" + _vector16(key_share)

@@ -309,8 +309,8 @@ class ClientProtocol(Protocol):
         Match an init against ``secrets``; start the relay, or give up.
 
         ``rest`` is what followed the init, already out of any TLS records.
+        On failure the bytes read so far stay buffered, for fronting.
         """
-        self._buffer = bytearray()
         matched = self._match(init, modes, secrets)
         tls = Mode.TLS in modes
         if matched is None:
@@ -326,6 +326,7 @@ class ClientProtocol(Protocol):
             else:
                 self.front("replay")
             return
+        self._buffer = bytearray()
         self._start(secret, accepted, rest)
 
     def _match(

@@ -147,9 +147,9 @@ class ProxyService(MultiService):
             self._stats_loop.start(interval, now=False)
         if any(listener._waitingForPort is None for listener in self.listeners):
             return
-        self.listening().addCallback(self._check_mask_loop).addErrback(
-            lambda f: self.log.failure("listening failed", f)
-        )
+        self.listening().addCallback(self._check_mask_loop).addCallback(
+            lambda _: self.profiles.start_loop()
+        ).addErrback(lambda f: self.log.failure("listening failed", f))
 
     def stopService(self) -> Deferred[None]:
         if self._stats_loop.running:

@@ -75,6 +75,7 @@ __all__ = [
     "TEST_MAX_PACKET",
     "FakeDC",
     "FakeDCProtocol",
+    "FakeSite",
     "ObfuscatedClient",
     "RawClient",
     "buffered_bytes",
@@ -674,3 +675,7 @@ def tdlib_test_proxy(
         reactor, reactor.getThreadPool(), _td_call, request, timeout + 5.0
     )
     return d
+
+
+# The fake fronted web site lives in its own module; it is part of this API.
+from mtproxy_tw._fakesite import FakeSite  # noqa: E402

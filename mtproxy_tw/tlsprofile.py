@@ -85,34 +85,61 @@ def fallback_size(rng: _random.Random | None = None) -> int:
     return 2500 + rng.randrange(1120)
 
 
+def _read_record(data: bytes, pos: int) -> tuple[int, bytes] | NeedMore:
+    if len(data) < pos + 5:
+        return NeedMore(pos + 5)
+    length = int.from_bytes(data[pos + 3 : pos + 5], "big")
+    if data[pos + 1] != 3 or length > 16384 + 256:
+        raise TLSError("not a TLS record")
+    if len(data) < pos + 5 + length:
+        return NeedMore(pos + 5 + length)
+    return data[pos], data[pos + 5 : pos + 5 + length]
+
+
 def parse_server_answer(data: bytes) -> Observation | NeedMore:
     """
-    Read a TLS 1.3 ServerHello, ChangeCipherSpec and the first ApplicationData
-    record from the start of ``data``.
+    Read a TLS 1.3 answer from the start of ``data``: ServerHello,
+    ChangeCipherSpec, then the encrypted records that follow.
+
+    The observed size is what one ApplicationData record would need to take
+    the same room on the wire as all the encrypted records read so far (a
+    site may send its flight as several records; a fake-TLS answer is one).
+    Each record is checked as soon as it is complete.
 
     :raises TLSError: on anything else (an alert, TLS 1.2, garbage).
     """
-    records: list[tuple[int, bytes]] = []
-    pos = 0
-    while len(records) < 3:
-        if len(data) < pos + 5:
-            return NeedMore(pos + 5)
-        kind = data[pos]
-        length = int.from_bytes(data[pos + 3 : pos + 5], "big")
-        if data[pos + 1] != 3 or length > 16384 + 256:
-            raise TLSError("not a TLS record")
-        if len(data) < pos + 5 + length:
-            return NeedMore(pos + 5 + length)
-        records.append((kind, data[pos + 5 : pos + 5 + length]))
-        pos += 5 + length
-    (k1, hello), (k2, ccs), (k3, app) = records
-    if k1 != 0x16 or k2 != 0x14 or k3 != 0x17 or ccs != b"\x01":
-        raise TLSError("the answer is not ServerHello, ChangeCipherSpec, ApplicationData")
-    cipher, order = _parse_server_hello(hello)
+    hello = _read_record(data, 0)
+    if isinstance(hello, NeedMore):
+        return hello
+    kind, body = hello
+    if kind != 0x16:
+        raise TLSError(f"the answer starts with a record of type {kind}, not a handshake")
+    cipher, order = _parse_server_hello(body)
     if _SUPPORTED_VERSIONS not in order or _KEY_SHARE not in order:
         raise TLSError("the server did not answer with TLS 1.3")
     first = order.index(_KEY_SHARE) < order.index(_SUPPORTED_VERSIONS)
-    return Observation(cipher, first, len(app))
+    pos = 5 + len(body)
+    ccs = _read_record(data, pos)
+    if isinstance(ccs, NeedMore):
+        return ccs
+    if ccs != (0x14, b"\x01"):
+        raise TLSError("the ServerHello is not followed by ChangeCipherSpec")
+    pos += 6
+    wire = 0
+    while True:
+        record = _read_record(data, pos)
+        if isinstance(record, NeedMore):
+            if wire:
+                break
+            return record
+        kind, body = record
+        if kind != 0x17:
+            if wire:
+                break
+            raise TLSError("no ApplicationData record after ChangeCipherSpec")
+        wire += 5 + len(body)
+        pos += 5 + len(body)
+    return Observation(cipher, first, min(wire - 5, 16384))
 
 
 def _parse_server_hello(hello: bytes) -> tuple[int, list[int]]:
@@ -137,14 +164,29 @@ def _parse_server_hello(hello: bytes) -> tuple[int, list[int]]:
 
 
 class _Probe(Protocol):
-    def __init__(self, domain: str, result: Deferred[Observation]) -> None:
+    """
+    Sends a ClientHello and reads the answer until the site goes quiet.
+    """
+
+    #: Seconds without new bytes after which the answer is taken as whole.
+    QUIET = 0.25
+
+    def __init__(
+        self, domain: str, result: Deferred[Observation], clock: Any, preamble: bytes = b""
+    ) -> None:
         self.domain = domain
+        self.preamble = preamble
         self.result = result
+        self.clock = clock
         self.buffer = b""
+        self.observed: Observation | None = None
+        self._quiet: Any = None
 
     def connectionMade(self) -> None:
-        hello = build_client_hello(os.urandom(16), self.domain, int(time.time()))
-        self.transport.write(hello)  # type: ignore[union-attr]
+        hello = build_client_hello(
+            os.urandom(16), self.domain, int(time.time()), consistent_grease=True
+        )
+        self.transport.write(self.preamble + hello)  # type: ignore[union-attr]
 
     def dataReceived(self, data: bytes) -> None:
         self.buffer += data
@@ -154,48 +196,87 @@ class _Probe(Protocol):
             self._finish(Failure(e))
             return
         if isinstance(answer, Observation):
-            self._finish(answer)
-        elif len(self.buffer) > _MAX_ANSWER:
+            self.observed = answer
+            if self._quiet is not None and self._quiet.active():
+                self._quiet.reset(self.QUIET)
+            else:
+                self._quiet = self.clock.callLater(self.QUIET, self._went_quiet)
+        if len(self.buffer) > _MAX_ANSWER:
+            self._went_quiet()
+
+    def _went_quiet(self) -> None:
+        if self.observed is not None:
+            self._finish(self.observed)
+        else:
             self._finish(Failure(TLSError("answer too long")))
 
     def _finish(self, result: Observation | Failure) -> None:
+        if self._quiet is not None and self._quiet.active():
+            self._quiet.cancel()
         if not self.result.called:
-            self.result.callback(result) if isinstance(
-                result, Observation
-            ) else self.result.errback(result)
-        self.transport.abortConnection()  # type: ignore[union-attr]
+            if isinstance(result, Observation):
+                self.result.callback(result)
+            else:
+                self.result.errback(result)
+        self.abort()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._quiet is not None and self._quiet.active():
+            self._quiet.cancel()
         if not self.result.called:
-            self.result.errback(TLSError("the site closed before answering"))
+            if self.observed is not None:
+                self.result.callback(self.observed)
+            else:
+                self.result.errback(TLSError("the site closed before answering"))
 
 
 class ProfileProber:
     """
     Fetches one observation of a site's TLS answer.
-
-    :param connect: ``connect(factory) -> Deferred`` toward the site, e.g. an
-        endpoint's ``connect``.
     """
 
     log = Logger()
 
-    def __init__(self, reactor: object, timeout: float = 5.0) -> None:
+    def __init__(self, reactor: Any, timeout: float = 5.0) -> None:
         self.reactor = reactor
         self.timeout = timeout
 
-    def probe(self, endpoint: object, domain: str) -> Deferred[Observation]:
+    def probe(self, endpoint: Any, domain: str, preamble: bytes = b"") -> Deferred[Observation]:
+        """
+        :param preamble: sent before the hello (a PROXY protocol line).
+        """
         result: Deferred[Observation] = Deferred()
-        factory = Factory.forProtocol(lambda: _Probe(domain, result))
+        probes: list[_Probe] = []
+
+        def build() -> _Probe:
+            probe = _Probe(domain, result, self.reactor, preamble)
+            probes.append(probe)
+            return probe
+
+        factory = Factory.forProtocol(build)
         factory.noisy = False
-        connecting = endpoint.connect(factory)  # type: ignore[attr-defined]
+        connecting = endpoint.connect(factory)
 
         def failed(failure: Failure) -> None:
             if not result.called:
                 result.errback(failure)
 
         connecting.addErrback(failed)
-        result.addTimeout(self.timeout, self.reactor)  # type: ignore[arg-type]
+
+        def cleanup(outcome: Any) -> Any:
+            # A timed-out probe must not leave its connection behind.
+            if not probes and not connecting.called:
+                connecting.cancel()
+            for probe in probes:
+                probe.abort()
+            return outcome
+
+        result.addTimeout(self.timeout, self.reactor)
+        result.addBoth(cleanup)
         return result
 
 
@@ -225,11 +306,15 @@ class ProfileService(Service):
         self.interval = interval
         self.rounds = 0
 
-    def startService(self) -> None:
-        super().startService()
-        self._loop.start(self.interval, now=True).addErrback(
-            lambda f: self.log.failure("TLS profile loop stopped", f)
-        )
+    def start_loop(self) -> None:
+        """
+        Start measuring: the proxy calls this once it is listening and has
+        checked that no mask host is the proxy itself.
+        """
+        if self.running and not self._loop.running:
+            self._loop.start(self.interval, now=True).addErrback(
+                lambda f: self.log.failure("TLS profile loop stopped", f)
+            )
 
     def stopService(self) -> None:
         super().stopService()
@@ -252,8 +337,11 @@ class ProfileService(Service):
         target = self.core.settings.mask_target(domain)
         if target is None or self.core.mask_disabled:
             return succeed(None)
+        # A mask host that wants PROXY protocol gets the "unknown source" form.
+        preamble = b"PROXY UNKNOWN\r\n" if self.core.settings.mask_proxy_protocol else b""
         attempts = [
-            self.prober.probe(self.core.endpoint(target), domain) for _ in range(self.probes)
+            self.prober.probe(self.core.endpoint(target), domain, preamble)
+            for _ in range(self.probes)
         ]
         measured: Deferred[Any] = DeferredList(attempts, consumeErrors=True)
 

@@ -1,0 +1,937 @@
+"""
+Fake TLS and domain fronting on loopback: clients -> ProxyService -> FakeDC
+for good clients, -> FakeSite (the mask host) for everyone else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import random
+import socket
+import ssl
+import time
+from collections import Counter
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.python.failure import Failure
+
+from mtproxy_tw import faketls, fronting, relay
+from mtproxy_tw._fakesite import BAD_REQUEST, FakeSite, SiteConnection
+from mtproxy_tw.dcs import Address, DCTable
+from mtproxy_tw.faketls import NeedMore, TLSError, build_client_hello, check_server_hello
+from mtproxy_tw.obfuscated2 import TAG_INTERMEDIATE, TAG_PADDED, generate_init
+from mtproxy_tw.secrets import Mode, Secret, parse_secret
+from mtproxy_tw.service import ProxyService
+from mtproxy_tw.settings import Settings
+from mtproxy_tw.testing import (
+    FakeDC,
+    RawClient,
+    buffered_bytes,
+    connect_raw,
+    make_codec,
+)
+from mtproxy_tw.tlsprofile import Observation, TLSProfile, parse_server_answer
+from tests.test_integration import (
+    CLASSIC,
+    DC_IDS,
+    LOCAL,
+    WRONG,
+    ProxyHarness,
+    _port_number,
+    reactor,
+)
+
+DOMAIN = "example.com"
+EE = parse_secret("erin=ee" + "e5" * 16 + DOMAIN.encode().hex(), "x")
+HTTP_REQUEST = b"GET / HTTP/1.1\r\nHost: example.com\r\nUser-Agent: probe\r\n\r\n"
+CCS = b"\x14\x03\x03\x00\x01\x01"
+#: The largest record payload tdlib sends (``MAX_TLS_PACKET_LENGTH``).
+TDLIB_RECORD = 2878
+MiB = 1 << 20
+
+
+def _payload(size: int) -> bytes:
+    # Never 8 zero bytes in front: the FakeDC would read MTProto.
+    return (b"\x01" + os.urandom(size))[:size]
+
+
+def _records(data: bytes, size: int) -> bytes:
+    """
+    ``data`` as ApplicationData records of at most ``size`` bytes, as a
+    client sends them.
+    """
+    out = bytearray()
+    for pos in range(0, len(data), size):
+        chunk = data[pos : pos + size]
+        out += b"\x17\x03\x03" + len(chunk).to_bytes(2, "big") + chunk
+    return bytes(out)
+
+
+def _app_data_len(flight: bytes) -> int:
+    """
+    N, the length of the ApplicationData record of a ServerHello flight.
+    """
+    at = 5 + int.from_bytes(flight[3:5], "big") + len(CCS)
+    assert flight[at : at + 3] == b"\x17\x03\x03", flight[at : at + 5].hex()
+    return int.from_bytes(flight[at + 3 : at + 5], "big")
+
+
+class FakeTLSClient(Protocol):
+    """
+    A Telegram app's fake-TLS connection, the way tdlib makes it.
+
+    It sends a ClientHello signed with ``key``, checks the proxy's flight,
+    then sends ``14 03 03 00 01 01`` and the obfuscated2 init (padded
+    intermediate) followed by packets, all inside ``17 03 03`` records of at
+    most :attr:`record_size` bytes. What comes back is read out of the
+    records, decrypted and unframed into packets.
+
+    :ivar answered: fires with the ServerHello flight, or fails with the
+        :class:`TLSError` that the flight raised.
+    :ivar record_sizes: the payload size of every record received after it.
+    :ivar bad_records: record headers that were not ``17 03 03`` and at most
+        16384 bytes long (the connection is aborted at the first one).
+    """
+
+    transport: Any
+
+    def __init__(
+        self,
+        key: bytes,
+        domain: str = DOMAIN,
+        dc: int = 2,
+        *,
+        mlkem: bool = False,
+        timestamp: int | None = None,
+        hello: bytes | None = None,
+        record_size: int = TDLIB_RECORD,
+    ) -> None:
+        self.key = key
+        if hello is None:
+            ts = int(time.time()) if timestamp is None else timestamp
+            hello = build_client_hello(key, domain, ts, mlkem=mlkem)
+        self.hello = hello
+        self.client_random = hello[11:43]
+        self.init = generate_init(TAG_PADDED, dc, secret=key)
+        self.codec = make_codec(TAG_PADDED)
+        self.record_size = record_size
+        self.received = bytearray()
+        self.flight: bytes | None = None
+        self.answered: Deferred[bytes] = Deferred()
+        self.record_sizes: list[int] = []
+        self.bad_records: list[bytes] = []
+        self.lost: Deferred[None] = Deferred()
+        self.reason: Failure | None = None
+        self.started = False
+        self._buffer = bytearray()
+        self._packets: list[bytes] = []
+        self._waiting: list[Deferred[bytes]] = []
+
+    # -- connection
+
+    def connectionMade(self) -> None:
+        self.transport.setTcpNoDelay(True)
+        self.transport.write(self.hello)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        self._buffer += data
+        if self.flight is None:
+            try:
+                end = check_server_hello(bytes(self._buffer), self.key, self.client_random)
+            except TLSError as e:
+                self.answered.errback(e)
+                self.transport.abortConnection()
+                return
+            if isinstance(end, NeedMore):
+                return
+            self.flight = bytes(self._buffer[:end])
+            del self._buffer[:end]
+            self.answered.callback(self.flight)
+        self._read_records()
+
+    def _read_records(self) -> None:
+        buf = self._buffer
+        pos = 0
+        payloads = []
+        while len(buf) - pos >= 5:
+            header = bytes(buf[pos : pos + 5])
+            size = int.from_bytes(header[3:], "big")
+            if header[:3] != b"\x17\x03\x03" or not 0 < size <= faketls.MAX_OUTGOING_PAYLOAD:
+                self.bad_records.append(header)
+                self.transport.abortConnection()
+                return
+            if len(buf) - pos < 5 + size:
+                break
+            self.record_sizes.append(size)
+            payloads.append(bytes(buf[pos + 5 : pos + 5 + size]))
+            pos += 5 + size
+        del buf[:pos]
+        if not payloads:
+            return
+        for packet in self.codec.feed(self.init.decryptor.update(b"".join(payloads))):
+            if self._waiting:
+                self._waiting.pop(0).callback(packet.payload)
+            else:
+                self._packets.append(packet.payload)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.reason = reason
+        if not self.answered.called:
+            self.answered.errback(reason)
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.errback(reason)
+        self.lost.callback(None)
+
+    # -- sending
+
+    def wire(self, payload: bytes | None = None, record_size: int | None = None) -> bytes:
+        """
+        The bytes that send one packet (none: just the init, first time),
+        in records; the first call adds the ChangeCipherSpec and the init.
+        """
+        stream = b""
+        if payload is not None:
+            stream = self.init.encryptor.update(self.codec.encode(payload))
+        head = b""
+        if not self.started:
+            self.started = True
+            head = CCS
+            stream = self.init.wire + stream
+        return head + _records(stream, record_size or self.record_size)
+
+    def start(self) -> None:
+        self.transport.write(self.wire())
+
+    def send(self, payload: bytes, record_size: int | None = None) -> None:
+        self.transport.write(self.wire(payload, record_size))
+
+    async def send_in_pieces(self, data: bytes, cuts: list[int]) -> None:
+        """
+        Write ``data`` cut at ``cuts``, each piece flushed to the socket
+        before the next is written, so the proxy reads them separately.
+        """
+        bounds = [0, *sorted(c for c in cuts if 0 < c < len(data)), len(data)]
+        for start, end in itertools.pairwise(bounds):
+            self.transport.write(data[start:end])
+            deadline = reactor.seconds() + 5.0
+            while buffered_bytes(self.transport) and reactor.seconds() < deadline:
+                await deferLater(reactor, 0, lambda: None)
+            # One more turn for the proxy to read what just left.
+            await deferLater(reactor, 0, lambda: None)
+
+    def receive(self) -> Deferred[bytes]:
+        if self._packets:
+            return succeed(self._packets.pop(0))
+        if self.reason is not None:
+            return fail(self.reason)
+        d: Deferred[bytes] = Deferred()
+        self._waiting.append(d)
+        return d
+
+    def request(self, payload: bytes) -> Deferred[bytes]:
+        self.send(payload)
+        return self.receive()
+
+
+class _Given(Factory):
+    noisy = False
+
+    def __init__(self, protocol: Protocol) -> None:
+        self.given = protocol
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        return self.given
+
+
+def _proxy_calls() -> list[IDelayedCall]:
+    """
+    Pending delayed calls that belong to a client connection of the proxy.
+    """
+    owners = (relay.ClientProtocol, relay.DCProtocol, fronting.FrontProtocol)
+    return [
+        call
+        for call in reactor.getDelayedCalls()
+        if isinstance(getattr(call.func, "__self__", None), owners)
+    ]
+
+
+class FrontingHarness(ProxyHarness):
+    """
+    A proxy with an ``ee`` secret whose mask host is a :class:`FakeSite`.
+    """
+
+    timeout = 30
+
+    async def site(self, **options: Any) -> FakeSite:
+        site = FakeSite(DOMAIN, **options)
+        site.listen(reactor, LOCAL)
+        self.addCleanup(site.close)
+        return site
+
+    async def start(  # type: ignore[override]
+        self,
+        secrets: tuple[Secret, ...] = (EE,),
+        host: str = LOCAL,
+        more_dcs: dict[int, Address] | None = None,
+        *,
+        site: FakeSite | None = None,
+        listen_port: int = 0,
+        measured: bool = True,
+        **options: Any,
+    ) -> int:
+        """
+        Start FakeDCs and the proxy; ``site`` becomes the mask host unless
+        ``mask_host`` is given. With ``measured``, wait for the first round
+        of TLS profile probes, and remember how many site connections they
+        made (:meth:`new_connections` leaves those out).
+        """
+        self.fakes: dict[int, FakeDC] = {}
+        overrides = dict(more_dcs or {})
+        for dc in DC_IDS:
+            fake = FakeDC(reactor)
+            port = reactor.listenTCP(0, fake, interface=host)
+            self.addCleanup(port.stopListening)
+            self.addCleanup(self._close_fake, fake)
+            self.fakes[dc] = fake
+            overrides[dc] = Address(host, _port_number(port))
+        if site is not None:
+            options.setdefault("mask_host", Address(LOCAL, site.port_number))
+        settings = Settings(secrets=secrets, dcs=DCTable(overrides=overrides), **options)
+        self.service = ProxyService(settings, reactor, [f"tcp:{listen_port}:interface={host}"])
+        self.service.startService()
+        self.addCleanup(self._stop_service)
+        ports = await self.service.listening()
+        self.port = _port_number(ports[0])
+        self.site_baseline = 0
+        if measured and self.service.profiles is not None:
+            profiles = self.service.profiles
+            await self.until(lambda: profiles.rounds >= 1, "a round of TLS profile probes")
+        if site is not None:
+            self.site_baseline = len(site.connections)
+        return self.port
+
+    def new_connections(self, site: FakeSite) -> list[SiteConnection]:
+        return site.connections[self.site_baseline :]
+
+    async def tls_client(self, key: bytes = EE.key, **kwargs: Any) -> FakeTLSClient:
+        client = FakeTLSClient(key, **kwargs)
+        await connect_protocol(self.port, client)
+        self.addCleanup(self._abort_tls, client)
+        return client
+
+    async def _abort_tls(self, client: FakeTLSClient) -> None:
+        if not client.lost.called:
+            client.transport.abortConnection()
+        await client.lost
+
+    async def answered(self, **kwargs: Any) -> FakeTLSClient:
+        """
+        A fake-TLS client whose hello the proxy accepted.
+        """
+        client = await self.tls_client(**kwargs)
+        await self.within(client.answered)
+        return client
+
+    async def reaches_site(self, site: FakeSite, data: bytes) -> SiteConnection:
+        """
+        Wait for the one new connection of ``site``; check it received
+        exactly ``data``.
+        """
+        await self.until(lambda: bool(self.new_connections(site)), "a connection to the site")
+        # Once connected, the bytes follow at once on loopback.
+        await self.until(
+            lambda: any(len(c.received) >= len(data) for c in self.new_connections(site)),
+            "the bytes to reach the site",
+            1.0,
+        )
+        (conn,) = self.new_connections(site)
+        self.assertEqual(bytes(conn.received), data)
+        return conn
+
+    async def sees_site(self, client: RawClient, conn: SiteConnection) -> None:
+        """
+        Wait until the client got exactly what the site sent.
+        """
+        await self.until(
+            lambda: conn.closed and len(client.received) >= len(conn.sent),
+            "the site's answer to reach the client",
+        )
+        self.assertEqual(bytes(client.received), bytes(conn.sent))
+
+
+async def connect_protocol(port: int, protocol: Protocol) -> None:
+    from twisted.internet.endpoints import TCP4ClientEndpoint
+
+    await TCP4ClientEndpoint(reactor, LOCAL, port).connect(_Given(protocol))
+
+
+class RealTLSClientTests(FrontingHarness):
+    """
+    A browser-like TLS client that names the fronted domain gets the real
+    site through the proxy: its certificate, its page.
+    """
+
+    async def _browse(self) -> None:
+        site = await self.site()
+        port = await self.start(site=site)
+
+        def browse() -> tuple[str | None, bytes | None, bytes]:
+            context = ssl.create_default_context(cadata=site.certificate_pem.decode())
+            sock = socket.create_connection((LOCAL, port), timeout=10)
+            with context.wrap_socket(sock, server_hostname=DOMAIN) as tls:
+                tls.sendall(HTTP_REQUEST)
+                answer = b""
+                while chunk := tls.recv(65536):
+                    answer += chunk
+                return tls.version(), tls.getpeercert(binary_form=True), answer
+
+        version, certificate, answer = await self.within(deferToThread(browse), 10.0)
+        self.assertEqual(version, "TLSv1.3")
+        self.assertEqual(certificate, site.certificate_der)
+        self.assertEqual(answer, site.response)
+        self.assertTrue(answer.endswith(site.page))
+        (conn,) = self.new_connections(site)
+        self.assertEqual(conn.requests, [HTTP_REQUEST])
+        self.assertEqual(sum(self.stats.fronted.values()), 1)
+        self.assertEqual(self.stats.accepted, {})
+        self.assertEqual(self.dc_connections(), 0)
+        await self.no_clients()
+
+    def test_browser_gets_the_site(self) -> Deferred[None]:
+        return self.run_async(self._browse())
+
+
+class FakeTLSRelayTests(FrontingHarness):
+    """
+    A client with the right ``ee`` secret is relayed to its DC: payloads of
+    every size cross both ways unchanged inside TLS records.
+    """
+
+    async def _echo(self, mlkem: bool, fast: bool) -> None:
+        site = await self.site()
+        await self.start(site=site, fast_mode=fast)
+        client = await self.answered(mlkem=mlkem)
+        self.assertGreater(len(client.hello), 1500 if mlkem else 516)
+        if not mlkem:
+            self.assertEqual(len(client.hello), 517)
+        # Padded intermediate carries whole words: multiples of 4 only.
+        sizes = [4, 8, 1024, TDLIB_RECORD - 2, TDLIB_RECORD + 2, 64 * 1024, MiB]
+        payloads = [_payload(size) for size in sizes]
+        for payload in payloads:
+            self.assertEqual(await self.within(client.request(payload)), payload)
+        # All at once: the stream keeps its order.
+        for payload in payloads:
+            client.send(payload)
+        for payload in payloads:
+            self.assertEqual(await self.within(client.receive()), payload)
+        # One-byte records.
+        small = _payload(64)
+        client.send(small, record_size=1)
+        self.assertEqual(await self.within(client.receive()), small)
+        # Records cut anywhere across writes, headers included.
+        rng = random.Random(len(client.hello))
+        for size in (12, 5000, 40000):
+            payload = _payload(size)
+            wire = client.wire(payload)
+            cuts = [1, 3, 4, 5, 6, 7, *(rng.randrange(len(wire)) for _ in range(20))]
+            await client.send_in_pieces(wire, cuts)
+            self.assertEqual(await self.within(client.receive()), payload)
+        self.assertEqual(client.bad_records, [])
+        self.assertLessEqual(max(client.record_sizes), faketls.MAX_OUTGOING_PAYLOAD)
+        self.assertEqual(self.fakes[2].seen, [(TAG_PADDED, 2)])
+        self.assertEqual(self.stats.accepted, {"erin": 1})
+        self.assertEqual(self.stats.fronted, {})
+        self.assertEqual(self.stats.rejected, {})
+        self.assertEqual(self.new_connections(site), [])
+
+    def test_517_byte_hello(self) -> Deferred[None]:
+        return self.run_async(self._echo(False, True))
+
+    def test_517_byte_hello_slow_mode(self) -> Deferred[None]:
+        return self.run_async(self._echo(False, False))
+
+    def test_mlkem_hello(self) -> Deferred[None]:
+        return self.run_async(self._echo(True, True))
+
+    def test_mlkem_hello_slow_mode(self) -> Deferred[None]:
+        return self.run_async(self._echo(True, False))
+
+    async def _first_packet_in_hello_segment(self) -> None:
+        # The hello, the ChangeCipherSpec, the init and a packet in one write:
+        # the proxy answers the hello and keeps what followed it.
+        site = await self.site()
+        await self.start(site=site)
+        client = FakeTLSClient(EE.key)
+        payload = _payload(1000)
+        client.hello = client.hello + client.wire(payload)
+        await connect_protocol(self.port, client)
+        self.addCleanup(self._abort_tls, client)
+        await self.within(client.answered)
+        self.assertEqual(await self.within(client.receive()), payload)
+        self.assertEqual(self.stats.accepted, {"erin": 1})
+
+    def test_everything_in_one_segment(self) -> Deferred[None]:
+        return self.run_async(self._first_packet_in_hello_segment())
+
+    async def _hello_in_pieces(self) -> None:
+        site = await self.site()
+        await self.start(site=site)
+        client = FakeTLSClient(EE.key, mlkem=True)
+        hello, client.hello = client.hello, b""
+        await connect_protocol(self.port, client)
+        self.addCleanup(self._abort_tls, client)
+        await client.send_in_pieces(hello, [1, 3, 5, 9, 100, len(hello) - 1])
+        await self.within(client.answered)
+        self.assertEqual(await self.within(client.request(b"ping")), b"ping")
+
+    def test_hello_in_pieces(self) -> Deferred[None]:
+        return self.run_async(self._hello_in_pieces())
+
+
+class BadClientTests(FrontingHarness):
+    """
+    Every failed handshake goes to the mask host with every byte the client
+    sent, is counted by reason, and never reaches a DC.
+    """
+
+    async def _fronted(self, data: bytes, reason: str) -> None:
+        await self._front_case(data, reason)
+
+    async def _front_case(self, data: bytes, reason: str) -> tuple[RawClient, SiteConnection]:
+        site = await self.site()
+        await self.start(site=site)
+        client = await self.raw(data)
+        conn = await self.reaches_site(site, data)
+        await self.sees_site(client, conn)
+        self.assertEqual(self.stats.fronted, {reason: 1})
+        self.assertEqual(self.stats.accepted, {})
+        self.assertEqual(self.dc_connections(), 0)
+        await self.within(client.lost)
+        await self.no_clients()
+        return client, conn
+
+    def test_wrong_secret(self) -> Deferred[None]:
+        hello = build_client_hello(WRONG, DOMAIN, int(time.time()))
+        return self.run_async(self._fronted(hello, "tls-bad-digest"))
+
+    def test_wrong_secret_mlkem_hello(self) -> Deferred[None]:
+        hello = build_client_hello(WRONG, DOMAIN, int(time.time()), mlkem=True)
+        return self.run_async(self._fronted(hello, "tls-bad-digest"))
+
+    def test_stale_timestamp(self) -> Deferred[None]:
+        hello = build_client_hello(EE.key, DOMAIN, int(time.time()) - 1000)
+        return self.run_async(self._fronted(hello, "tls-stale"))
+
+    def test_timestamp_from_the_future(self) -> Deferred[None]:
+        hello = build_client_hello(EE.key, DOMAIN, int(time.time()) + 1000)
+        return self.run_async(self._fronted(hello, "tls-stale"))
+
+    def test_unknown_sni(self) -> Deferred[None]:
+        hello = build_client_hello(EE.key, "unknown.example", int(time.time()))
+        return self.run_async(self._fronted(hello, "tls-unknown-sni"))
+
+    def test_malformed_hello(self) -> Deferred[None]:
+        hello = bytearray(build_client_hello(EE.key, DOMAIN, int(time.time())))
+        hello[5] = 2  # not a ClientHello
+        return self.run_async(self._fronted(bytes(hello), "tls-malformed"))
+
+    def test_garbage(self) -> Deferred[None]:
+        return self.run_async(self._fronted(b"\x01" + os.urandom(299), "bad-init"))
+
+    async def _classic_replay(self) -> None:
+        site = await self.site()
+        await self.start(secrets=(EE, CLASSIC), site=site)
+        init = generate_init(TAG_INTERMEDIATE, 2, secret=CLASSIC.key)
+        first = await self.client(CLASSIC, TAG_INTERMEDIATE, 2, init=init)
+        self.assertEqual(await self.within(first.request(b"ping")), b"ping")
+        data = init.wire + os.urandom(36)
+        client = await self.raw(data)
+        conn = await self.reaches_site(site, data)
+        await self.sees_site(client, conn)
+        self.assertEqual(self.stats.fronted, {"replay": 1})
+        self.assertEqual(self.stats.accepted, {"alice": 1})
+        self.assertEqual(self.dc_connections(), 1)
+
+    def test_replayed_classic_init(self) -> Deferred[None]:
+        return self.run_async(self._classic_replay())
+
+    async def _http(self) -> None:
+        _, conn = await self._front_case(HTTP_REQUEST, "http")
+        self.assertEqual(conn.requests, [])  # the TLS site did not take it
+
+    def test_plain_http(self) -> Deferred[None]:
+        return self.run_async(self._http())
+
+    async def _plain_http_site(self) -> None:
+        site = await self.site(tls=False)
+        await self.start(site=site)
+        client = await self.raw(HTTP_REQUEST)
+        conn = await self.reaches_site(site, HTTP_REQUEST)
+        await self.within(client.lost)
+        self.assertEqual(bytes(client.received), site.response)
+        self.assertEqual(conn.requests, [HTTP_REQUEST])
+        self.assertEqual(self.stats.fronted, {"http": 1})
+
+    def test_plain_http_gets_the_page(self) -> Deferred[None]:
+        return self.run_async(self._plain_http_site())
+
+    async def _replay(self, mlkem: bool) -> None:
+        site = await self.site()
+        await self.start(site=site)
+        first = await self.answered(mlkem=mlkem)
+        client = await self.raw(first.hello)
+        conn = await self.reaches_site(site, first.hello)
+        await self.sees_site(client, conn)
+        self.assertEqual(self.stats.fronted, {"tls-replay": 1})
+        self.assertEqual(self.dc_connections(), 0)
+        # The first connection is unharmed.
+        self.assertEqual(await self.within(first.request(b"ping")), b"ping")
+        self.assertEqual(self.stats.accepted, {"erin": 1})
+        self.assertEqual(self.dc_connections(), 1)
+
+    def test_replayed_hello(self) -> Deferred[None]:
+        return self.run_async(self._replay(False))
+
+    def test_replayed_mlkem_hello(self) -> Deferred[None]:
+        return self.run_async(self._replay(True))
+
+    async def _bad_init_after_hello(self) -> None:
+        # A valid hello, then records that do not carry a valid init: the
+        # proxy has answered as the site would not, so it just closes.
+        site = await self.site()
+        await self.start(site=site)
+        client = await self.answered()
+        client.transport.write(CCS + _records(os.urandom(64), TDLIB_RECORD))
+        await self.within(client.lost)
+        self.assertEqual(self.stats.rejected, {"tls-bad-init": 1})
+        self.assertEqual(self.stats.fronted, {})
+        self.assertEqual(self.dc_connections(), 0)
+        self.assertEqual(self.new_connections(site), [])
+        await self.no_clients()
+
+    def test_bad_init_after_good_hello_is_closed(self) -> Deferred[None]:
+        return self.run_async(self._bad_init_after_hello())
+
+
+class StalledClientTests(FrontingHarness):
+    """
+    A client that stops in the middle of its handshake is fronted (or closed
+    once the proxy has answered) at the handshake timeout, and leaves
+    nothing behind when it goes.
+    """
+
+    async def _stalled(self, data: bytes) -> None:
+        site = await self.site()
+        await self.start(site=site, handshake_timeout=0.5)
+        started = reactor.seconds()
+        client = await self.raw(data)
+        conn = await self.reaches_site(site, data)
+        self.assertGreaterEqual(reactor.seconds() - started, 0.45)
+        self.assertEqual(self.stats.fronted, {"handshake-timeout": 1})
+        self.assertEqual(self.dc_connections(), 0)
+        # The TLS site closes on bytes that cannot start a hello; else the
+        # client leaves.
+        site_closed = conn.closed
+        if not site_closed:
+            self.assertNotEqual(_proxy_calls(), [])  # the fronted pair's idle timer
+            client.transport.loseConnection()
+        await self.within(client.lost)
+        await self.within(conn.lost)
+        if site_closed:
+            self.assertEqual(bytes(client.received), bytes(conn.sent))
+        await self.no_clients()
+        self.assertEqual(_proxy_calls(), [])
+
+    def test_partial_hello(self) -> Deferred[None]:
+        hello = build_client_hello(EE.key, DOMAIN, int(time.time()))
+        return self.run_async(self._stalled(hello[:100]))
+
+    def test_partial_hello_header(self) -> Deferred[None]:
+        return self.run_async(self._stalled(b"\x16\x03\x01"))
+
+    def test_partial_obfuscated2_init(self) -> Deferred[None]:
+        return self.run_async(self._stalled(b"\x01" + os.urandom(9)))
+
+    async def _stalled_after_hello(self) -> None:
+        site = await self.site()
+        await self.start(site=site, handshake_timeout=0.5)
+        started = reactor.seconds()
+        client = await self.answered()
+        await self.within(client.lost)
+        self.assertGreaterEqual(reactor.seconds() - started, 0.45)
+        self.assertEqual(bytes(client.received), client.flight)
+        self.assertEqual(self.stats.rejected, {"handshake-timeout": 1})
+        self.assertEqual(self.stats.fronted, {})
+        self.assertEqual(self.new_connections(site), [])
+        await self.no_clients()
+        self.assertEqual(_proxy_calls(), [])
+
+    def test_stalled_after_valid_hello_is_closed(self) -> Deferred[None]:
+        return self.run_async(self._stalled_after_hello())
+
+    async def _fronted_then_site_closes(self) -> None:
+        site = await self.site()
+        await self.start(site=site, handshake_timeout=0.5)
+        client = await self.raw(b"\x16\x03\x01")
+        conn = await self.reaches_site(site, b"\x16\x03\x01")
+        await self.within(conn.abort())
+        await self.within(client.lost)
+        await self.no_clients()
+        self.assertEqual(_proxy_calls(), [])
+
+    def test_site_closing_closes_the_client(self) -> Deferred[None]:
+        return self.run_async(self._fronted_then_site_closes())
+
+
+class ProfileTests(FrontingHarness):
+    """
+    The ApplicationData record of the proxy's ServerHello flight has the
+    size the fronted site's own first encrypted record has.
+    """
+
+    async def _raw_probe(self, site: FakeSite) -> Observation:
+        """
+        The site's answer to a hello it accepts, read off the wire.
+        """
+        hello = build_client_hello(
+            os.urandom(16), DOMAIN, int(time.time()), consistent_grease=True
+        )
+        client = await connect_raw(reactor, LOCAL, site.port_number, hello)
+        self.addCleanup(self._abort, client)
+        await self.until(
+            lambda: not isinstance(parse_server_answer(bytes(client.received)), NeedMore),
+            "the site's answer",
+        )
+        # The whole flight: wait until the site has gone quiet.
+        seen = -1
+        while len(client.received) != seen:
+            seen = len(client.received)
+            await deferLater(reactor, 0.3, lambda: None)
+        answer = parse_server_answer(bytes(client.received))
+        assert isinstance(answer, Observation)
+        return answer
+
+    async def _sizes(self, count: int = 6) -> list[Observation]:
+        """
+        The proxy's answers to ``count`` valid hellos, parsed like a site's.
+        """
+        seen = []
+        for i in range(count):
+            client = await self.answered(mlkem=bool(i % 2))
+            assert client.flight is not None
+            answer = parse_server_answer(client.flight)
+            assert isinstance(answer, Observation)
+            self.assertEqual(answer.app_data_len, _app_data_len(client.flight))
+            seen.append(answer)
+            await self._abort_tls(client)
+        return seen
+
+    async def _measured(self) -> None:
+        site = await self.site()
+        await self.start(site=site)
+        assert self.service.profiles is not None
+        self.assertGreaterEqual(self.service.profiles.rounds, 1)
+        probes = site.connections[: self.site_baseline]
+        self.assertEqual(len(probes), self.service.profiles.probes)
+        # What the probes really got from the site.
+        real = [parse_server_answer(bytes(c.sent)) for c in probes]
+        self.assertIn(DOMAIN, self.service.core.tls_profiles, f"probes got {real!r}")
+        profile = self.service.core.tls_profiles[DOMAIN]
+        raw = await self._raw_probe(site)
+        self.assertEqual(set(profile.sizes), {raw.app_data_len})
+        self.assertEqual(real, [raw] * len(probes))
+        self.assertEqual(profile.key_share_first, raw.key_share_first)
+        for answer in await self._sizes():
+            self.assertLessEqual(abs(answer.app_data_len - raw.app_data_len), 1)
+            self.assertEqual(answer.key_share_first, raw.key_share_first)
+
+    def test_answer_size_follows_measured_site(self) -> Deferred[None]:
+        return self.run_async(self._measured())
+
+    async def _profiled(self) -> None:
+        # The relay's side alone: a profile as a probe would record it.
+        site = await self.site()
+        await self.start(site=site)
+        raw = await self._raw_probe(site)
+        for first in (False, True):
+            self.service.core.tls_profiles[DOMAIN] = TLSProfile(
+                (raw.app_data_len,) * 3, raw.cipher_suite, first
+            )
+            for answer in await self._sizes():
+                self.assertLessEqual(abs(answer.app_data_len - raw.app_data_len), 1)
+                self.assertEqual(answer.key_share_first, first)
+        self.assertEqual(self.stats.fronted, {})
+        self.assertEqual(self.stats.rejected, {})
+        await self.no_clients()
+
+    def test_answer_size_follows_profile(self) -> Deferred[None]:
+        return self.run_async(self._profiled())
+
+    async def _fallback(self) -> None:
+        closed = reactor.listenTCP(0, Factory(), interface=LOCAL)
+        nowhere = Address(LOCAL, _port_number(closed))
+        await closed.stopListening()
+        await self.start(mask_host=nowhere)
+        assert self.service.profiles is not None
+        self.assertEqual(self.service.core.tls_profiles, {})
+        sizes = [answer.app_data_len for answer in await self._sizes(8)]
+        for size in sizes:
+            self.assertTrue(2500 <= size <= 3619, sizes)
+        # A failed handshake finds the mask host gone: closed, nothing sent.
+        client = await self.raw(b"\x01" + os.urandom(99))
+        await self.within(client.lost)
+        self.assertEqual(bytes(client.received), b"")
+        self.assertEqual(self.stats.upstream_failures["mask-host"], 1)
+        await self.no_clients()
+
+    def test_unreachable_site_gives_fallback_sizes(self) -> Deferred[None]:
+        return self.run_async(self._fallback())
+
+
+class FrontingOptionTests(FrontingHarness):
+    """
+    Half-closes, the PROXY header, --no-mask, --modes tls, mask loops.
+    """
+
+    async def _half_close(self) -> None:
+        site = await self.site(tls=False, answer_on_eof=True)
+        await self.start(site=site)
+        client = await self.raw(HTTP_REQUEST)
+        client.transport.loseWriteConnection()
+        conn = await self.reaches_site(site, HTTP_REQUEST)
+        await self.within(client.lost)
+        self.assertTrue(conn.eof)
+        self.assertEqual(conn.requests, [HTTP_REQUEST])
+        self.assertEqual(bytes(client.received), site.response)
+        self.assertEqual(self.stats.fronted, {"http": 1})
+        await self.no_clients()
+
+    def test_half_close_passes_through(self) -> Deferred[None]:
+        return self.run_async(self._half_close())
+
+    async def _site_half_close(self) -> None:
+        # The site answers and closes while the client is still sending:
+        # the client gets the answer and an EOF, and may still write.
+        site = await self.site(tls=False)
+        await self.start(site=site)
+        hello = build_client_hello(WRONG, DOMAIN, int(time.time()))
+        client = await self.raw(hello)
+        conn = await self.reaches_site(site, hello)
+        await self.within(client.lost)
+        self.assertEqual(bytes(client.received), BAD_REQUEST)
+        self.assertTrue(conn.closed)
+        await self.no_clients()
+
+    def test_site_close_reaches_client(self) -> Deferred[None]:
+        return self.run_async(self._site_half_close())
+
+    async def _proxy_protocol(self) -> None:
+        site = await self.site(tls=False)
+        await self.start(site=site, mask_proxy_protocol=True)
+        data = build_client_hello(WRONG, DOMAIN, int(time.time()))
+        client = await self.raw(data)
+        here = client.transport.getHost()
+        header = f"PROXY TCP4 127.0.0.1 127.0.0.1 {here.port} {self.port}\r\n".encode()
+        await self.reaches_site(site, header + data)
+
+    def test_proxy_protocol_header(self) -> Deferred[None]:
+        return self.run_async(self._proxy_protocol())
+
+    async def _no_mask(self) -> None:
+        site = await self.site()
+        await self.start(site=site, mask=False)
+        client = await self.raw(b"\x01" + os.urandom(199))
+        await self.within(client.lost)
+        self.assertEqual(bytes(client.received), b"")
+        self.assertEqual(self.stats.rejected, {"bad-init": 1})
+        self.assertEqual(self.new_connections(site), [])
+        # Fake-TLS failures are still fronted.
+        hello = build_client_hello(WRONG, DOMAIN, int(time.time()))
+        await self.raw(hello)
+        await self.reaches_site(site, hello)
+        self.assertEqual(self.stats.fronted, {"tls-bad-digest": 1})
+        self.assertEqual(self.dc_connections(), 0)
+
+    def test_no_mask_closes_bad_classic_inits(self) -> Deferred[None]:
+        return self.run_async(self._no_mask())
+
+    async def _tls_only(self) -> None:
+        site = await self.site()
+        await self.start(secrets=(EE, CLASSIC), site=site, modes=frozenset({Mode.TLS}))
+        init = generate_init(TAG_INTERMEDIATE, 2, secret=CLASSIC.key)
+        packet = init.encryptor.update(make_codec(TAG_INTERMEDIATE).encode(b"ping"))
+        await self.raw(init.wire + packet)
+        await self.reaches_site(site, init.wire + packet)
+        self.assertEqual(self.stats.fronted, {"not-tls": 1})
+        self.assertEqual(self.stats.accepted, {})
+        self.assertEqual(self.dc_connections(), 0)
+        # The ee secret still works.
+        client = await self.answered()
+        self.assertEqual(await self.within(client.request(b"ping")), b"ping")
+
+    def test_tls_only_fronts_classic_init(self) -> Deferred[None]:
+        return self.run_async(self._tls_only())
+
+    async def _free_port(self) -> int:
+        port = reactor.listenTCP(0, Factory(), interface=LOCAL)
+        number = _port_number(port)
+        await port.stopListening()
+        return number
+
+    async def _mask_is_self(self) -> None:
+        number = await self._free_port()
+        await self.start(listen_port=number, mask_host=Address(LOCAL, number))
+        self.assertTrue(self.service.core.mask_disabled)
+        rejected_before = dict(self.stats.rejected)
+        client = await self.raw(b"\x01" + os.urandom(199))
+        await self.within(client.lost)
+        hello = build_client_hello(WRONG, DOMAIN, int(time.time()))
+        tls = await self.raw(hello)
+        await self.within(tls.lost)
+        self.assertEqual(bytes(client.received) + bytes(tls.received), b"")
+        self.assertEqual(self.stats.fronted, {})
+        rejected = dict(self.stats.rejected)
+        for reason, count in rejected_before.items():
+            rejected[reason] -= count
+        self.assertEqual(+Counter(rejected), {"bad-init": 1, "tls-bad-digest": 1})
+        await self.no_clients()
+
+    def test_mask_host_is_the_proxy(self) -> Deferred[None]:
+        return self.run_async(self._mask_is_self())
+
+    async def _self_probe(self) -> None:
+        number = await self._free_port()
+        await self.start(listen_port=number, mask_host=Address(LOCAL, number))
+        self.assertEqual(self.stats.rejected, {})
+
+    def test_profile_probes_do_not_hit_the_proxy_itself(self) -> Deferred[None]:
+        return self.run_async(self._self_probe())
+
+    async def _loop_found_late(self) -> None:
+        # A mask host that turns out to be this proxy only when connecting
+        # (a name, say): the connection is cut, not looped.
+        site = await self.site()
+        await self.start(site=site)
+        settings = self.service.core.settings
+        self.service.core.settings = dataclasses.replace(
+            settings, mask_host=Address(LOCAL, self.port)
+        )
+        client = await self.raw(b"\x01" + os.urandom(199))
+        await self.within(client.lost)
+        self.assertEqual(bytes(client.received), b"")
+        self.assertEqual(self.stats.upstream_failures["mask-loop"], 1)
+        self.assertEqual(self.stats.fronted, {"bad-init": 1})
+        await self.no_clients()
+        self.assertEqual(self.new_connections(site), [])
+
+    def test_mask_loop_found_when_connecting(self) -> Deferred[None]:
+        return self.run_async(self._loop_found_late())
