@@ -15,6 +15,13 @@ from twisted.python import usage
 
 from mtproxy_tw import __version__
 from mtproxy_tw.dcs import Address, DCTable, parse_address, parse_dc_override
+from mtproxy_tw.middle_options import (
+    MIDDLE_FLAGS,
+    MIDDLE_PARAMETERS,
+    MiddleOptionsMixin,
+    build_middle,
+    middle_settings_from_options,
+)
 from mtproxy_tw.reload import SecretsReloader, read_secrets_file
 from mtproxy_tw.secrets import Mode, Secret, SecretError, links, parse_secret
 from mtproxy_tw.service import ProxyService
@@ -46,7 +53,7 @@ def _count(option: str, text: str) -> int:
     return value
 
 
-class Options(usage.Options):
+class Options(MiddleOptionsMixin, usage.Options):
     """
     Parsing and validation only; :func:`makeService` builds from the result.
     """
@@ -63,6 +70,7 @@ class Options(usage.Options):
         ["mask", None, "Front bad classic/dd handshakes too (default when an ee secret is set)."],
         ["no-mask", None, "Close bad classic/dd handshakes instead of fronting them."],
         ["mask-proxy-protocol", None, "Send a PROXY protocol v1 header to the mask host."],
+        *MIDDLE_FLAGS,
     ]
     optParameters = [
         ["port", "p", None, "TCP port to listen on, all IPv4 interfaces (default 443).", int],
@@ -85,6 +93,7 @@ class Options(usage.Options):
         ],
         ["tls-time-skew", None, "300", "Seconds a fake-TLS client's clock may be off."],
         ["stats-interval", None, "600", "Seconds between stats lines in the log (0: none)."],
+        *MIDDLE_PARAMETERS,
     ]
 
     def __init__(self) -> None:
@@ -194,6 +203,7 @@ class Options(usage.Options):
                     "which --modes does not accept"
                 )
         self["state-dir"] = Path(self["state-dir"]) if self["state-dir"] else default_state_dir()
+        self["middle"] = middle_settings_from_options(self)
 
 
 def _listen_port(description: str) -> tuple[str | None, int | None]:
@@ -313,6 +323,10 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     top = MultiService()
     proxy = ProxyService(settings, reactor, options["listen"])
     proxy.setServiceParent(top)
+    if options.get("middle") is not None:
+        middle, upstream = build_middle(proxy.core, options["middle"], state.path, reactor)
+        proxy.core.middle = upstream
+        middle.setServiceParent(top)
     announcer = _LinkAnnouncer(proxy, options["public-host"])
     announcer.setServiceParent(top)
     fixed = options["fixed-secrets"] or ([] if options["secrets-file"] else list(secrets))

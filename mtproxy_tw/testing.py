@@ -73,8 +73,10 @@ __all__ = [
     "REQ_PQ_MULTI",
     "TDLIB_FINGERPRINT",
     "TEST_MAX_PACKET",
+    "FakeConfigServer",  # noqa: F822 (loaded lazily, see __getattr__)
     "FakeDC",
     "FakeDCProtocol",
+    "FakeMiddleProxy",  # noqa: F822
     "FakeSite",
     "ObfuscatedClient",
     "RawClient",
@@ -679,3 +681,13 @@ def tdlib_test_proxy(
 
 # The fake fronted web site lives in its own module; it is part of this API.
 from mtproxy_tw._fakesite import FakeSite  # noqa: E402
+
+
+def __getattr__(name: str) -> Any:
+    # The fake middle proxy builds on the fake DC above, so it is loaded on
+    # first use rather than imported here (which would be circular).
+    if name in ("FakeMiddleProxy", "FakeConfigServer"):
+        from mtproxy_tw import _fakemiddle
+
+        return getattr(_fakemiddle, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
