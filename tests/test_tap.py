@@ -160,6 +160,45 @@ class MakeServiceTests(SynchronousTestCase):
         )
         self.assertTrue(str(e).startswith("--state-dir:"))
 
+    def test_middle_mode(self) -> None:
+        """
+        --ad-tag puts a middle-proxy upstream and the config service in the tree.
+        """
+        options = parse(
+            "--secret",
+            S,
+            "--state-dir",
+            self.mktemp(),
+            "--ad-tag",
+            "ab" * 16,
+            "--nat-ip",
+            "203.0.113.7",
+            "--proxy-config-url",
+            "http://127.0.0.1:1/c",
+        )
+        top = tap.makeService(options, MemoryReactorClock())
+        assert isinstance(top, MultiService)
+        proxy = next(s for s in top if isinstance(s, ProxyService))
+        self.assertIsNotNone(proxy.core.middle)
+        self.assertNotIn("ab" * 16, repr(options["middle"]))
+        direct = tap.makeService(
+            parse(
+                "--secret",
+                S,
+                "--state-dir",
+                self.mktemp(),
+                "--ad-tag",
+                "ab" * 16,
+                "--upstream",
+                "direct",
+            ),
+            MemoryReactorClock(),
+        )
+        assert isinstance(direct, MultiService)
+        self.assertIsNone(next(s for s in direct if isinstance(s, ProxyService)).core.middle)
+        e = self.assertRaises(UsageError, parse, "--ad-tag", "xyz")
+        self.assertTrue(str(e).startswith("--ad-tag:"))
+
     def test_listens(self) -> None:
         reactor = MemoryReactorClock()
         top = tap.makeService(
