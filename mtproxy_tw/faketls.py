@@ -113,6 +113,7 @@ class HelloMatch(Generic[T]):
     session_id: bytes
     server_name: str | None
     cipher_suite: int
+    cipher_suites: tuple[int, ...] = ()
 
 
 # --- ClientHello -------------------------------------------------------------------------
@@ -283,6 +284,7 @@ def verify_client_hello(record: bytes, secrets: Sequence[tuple[T, bytes]]) -> He
                 session_id=hello.session_id,
                 server_name=hello.server_names[0] if hello.server_names else None,
                 cipher_suite=choose_cipher_suite(hello.cipher_suites),
+                cipher_suites=hello.cipher_suites,
             )
     return None
 

@@ -270,11 +270,15 @@ class ClientProtocol(Protocol):
             return
         profile = self.core.tls_profiles.get(match.server_name.lower())
         size = profile.pick_size() if profile else tlsprofile.fallback_size()
+        # The site's own choice when the client offers it, as the site would.
+        cipher = match.cipher_suite
+        if profile is not None and profile.cipher_suite in match.cipher_suites:
+            cipher = profile.cipher_suite
         flight = faketls.build_server_hello(
             match.secret,
             match.client_random,
             match.session_id,
-            cipher_suite=match.cipher_suite,
+            cipher_suite=cipher,
             app_data_len=size,
             key_share_first=profile.key_share_first if profile else True,
         )

@@ -781,6 +781,19 @@ class ProfileTests(FrontingHarness):
     def test_answer_size_follows_profile(self) -> Deferred[None]:
         return self.run_async(self._profiled())
 
+    async def _cipher(self) -> None:
+        site = await self.site()
+        await self.start(site=site)
+        profiles = self.service.core.tls_profiles
+        profiles[DOMAIN] = TLSProfile((3000,), 0x1302, True)
+        self.assertEqual({a.cipher_suite for a in await self._sizes(2)}, {0x1302})
+        # A suite the client did not offer is never answered.
+        profiles[DOMAIN] = TLSProfile((3000,), 0x1305, True)
+        self.assertEqual({a.cipher_suite for a in await self._sizes(2)}, {0x1301})
+
+    def test_cipher_suite_follows_profile_when_offered(self) -> Deferred[None]:
+        return self.run_async(self._cipher())
+
     async def _fallback(self) -> None:
         closed = reactor.listenTCP(0, Factory(), interface=LOCAL)
         nowhere = Address(LOCAL, _port_number(closed))
