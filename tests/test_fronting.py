@@ -314,7 +314,12 @@ class FrontingHarness(ProxyHarness):
         self.site_baseline = 0
         if measured and self.service.profiles is not None:
             profiles = self.service.profiles
-            await self.until(lambda: profiles.rounds >= 1, "a round of TLS profile probes")
+            # A site that never answers a probe ends the round at the probe timeout.
+            await self.until(
+                lambda: profiles.rounds >= 1,
+                "a round of TLS profile probes",
+                seconds=profiles.prober.timeout + 5,
+            )
         if site is not None:
             self.site_baseline = len(site.connections)
         return self.port
