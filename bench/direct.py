@@ -9,45 +9,49 @@ process, all on loopback, and reports:
 - the proxy's CPU per small request (100-byte ping-pong through the relay);
 - the proxy's RSS per idle connection (N handshaken, silent connections).
 
-    python bench/direct.py --connections 50 --megabytes 2000 [--no-fast-mode]
+``--kind`` picks the secret: classic, dd (default) or ee. With ee the
+clients do the fake-TLS handshake and wrap what they send in TLS records;
+the proxy's mask host is a closed local port, so its TLS profiling fails at
+once and it answers with random sizes.
+
+    python bench/direct.py --connections 50 --megabytes 2000 [--kind ee] [--no-fast-mode]
 """
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import os
-import socket
-import subprocess
-import sys
-import time
-from collections.abc import Callable
 from typing import Any
 
-from twisted.internet import defer, protocol, task
+from _common import (
+    CHUNK,
+    BenchClient,
+    Meter,
+    Pump,
+    closed_port,
+    connect_many,
+    free_port,
+    make_secret,
+    parser,
+    proxy_command,
+    react,
+    rss_bytes,
+    sleep,
+    start_process,
+    state_dir,
+    stop_process,
+)
+from twisted.internet import defer, protocol
 
-from mtproxy_tw.obfuscated2 import TAG_PADDED, generate_init
-from mtproxy_tw.secrets import Mode, generate
-
-CHUNK = os.urandom(1 << 16)
-TICK = os.sysconf("SC_CLK_TCK")
-PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
-
-
-def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/statm") as f:
-        return int(f.read().split()[1]) * PAGE
+from mtproxy_tw.secrets import Mode
 
 
 class DC(protocol.Protocol):
     """
     Skips the proxy's init, then sends ``download`` bytes or echoes.
     """
+
+    transport: Any
 
     def __init__(self, factory: DCFactory) -> None:
         self.factory = factory
@@ -80,8 +84,10 @@ class DC(protocol.Protocol):
             cut = min(self.skip, len(data))
             self.skip -= cut
             data = data[cut:]
-        if data and self.factory.echo:
-            self.transport.write(data)
+        if data:
+            if self.factory.echo:
+                self.transport.write(data)
+            self.factory.count(len(data))
 
 
 class DCFactory(protocol.Factory):
@@ -90,92 +96,68 @@ class DCFactory(protocol.Factory):
     def __init__(self) -> None:
         self.download = 0
         self.echo = False
+        self.received = 0
+        self._expected = 0
+        self._arrived: defer.Deferred[None] | None = None
+
+    def expect(self, total: int) -> defer.Deferred[None]:
+        """
+        Fires once ``total`` bytes from the clients have arrived, counting from now.
+        """
+        self.received, self._expected = 0, total
+        self._arrived = defer.Deferred()
+        return self._arrived
+
+    def count(self, size: int) -> None:
+        self.received += size
+        arrived = self._arrived
+        if arrived is not None and self.received >= self._expected:
+            self._arrived = None
+            arrived.callback(None)
 
     def buildProtocol(self, addr: Any) -> DC:
         return DC(self)
 
 
-class Client(protocol.Protocol):
-    def __init__(self, key: bytes, on_data: Callable[[Client, bytes], None]) -> None:
-        self.key = key
-        self.on_data = on_data
-        self.received = 0
-        self.done: defer.Deferred[None] = defer.Deferred()
-        self.made: defer.Deferred[Client] = defer.Deferred()
-
-    def connectionMade(self) -> None:
-        init = generate_init(TAG_PADDED, 2, secret=self.key)
-        self.encrypt = init.encryptor.update
-        self.transport.write(init.wire)
-        self.made.callback(self)
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received += len(data)
-        self.on_data(self, data)
-
-    def connectionLost(self, reason: Any = None) -> None:
-        if not self.done.called:
-            self.done.callback(None)
-
-
-async def connect_many(reactor: Any, port: int, key: bytes, n: int, on_data: Any) -> list[Client]:
-    clients = []
-    for _ in range(n):
-        endpoint = protocol.ClientCreator(reactor, Client, key, on_data)
-        clients.append(await endpoint.connectTCP("127.0.0.1", port))
-    return clients
-
-
-async def run(reactor: Any, args: argparse.Namespace) -> None:
-    secret = generate(Mode.SECURE)
+async def run(reactor: Any, args: Any) -> None:
+    secret = make_secret(args.kind)
     dcs = DCFactory()
     dc_port = reactor.listenTCP(0, dcs, interface="127.0.0.1").getHost().port
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    command = [
-        sys.executable,
-        "-m",
-        "twisted",
-        "--log-level",
-        "warn",
-        "mtproxy",
-        "--listen",
-        f"tcp:{port}:interface=127.0.0.1",
-        "--secret",
-        secret.hex(),
-        "--dc",
-        f"2=127.0.0.1:{dc_port}",
-        "--state-dir",
-        args.state_dir,
-        "--max-connections",
-        str(max(10000, args.idle * 2)),
-    ]
-    if args.no_fast_mode:
-        command.append("--no-fast-mode")
-    proxy = subprocess.Popen(command)
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                await task.deferLater(reactor, 0.1, lambda: None)
-        await task.deferLater(reactor, 0.5, lambda: None)
-        n = args.connections
-        per = args.megabytes * (1 << 20) // n
+    port = free_port()
+    n = args.connections
+    with contextlib.ExitStack() as stack:
+        extra = ["--dc", f"2=127.0.0.1:{dc_port}"]
+        if secret.kind is Mode.TLS:
+            extra += ["--mask-host", f"127.0.0.1:{stack.enter_context(closed_port())}"]
+        if args.no_fast_mode:
+            extra.append("--no-fast-mode")
+        state = stack.enter_context(state_dir(args.state_dir))
+        command = proxy_command(port, secret, state, max(10000, args.idle * 2), extra)
+        proxy = await start_process(reactor, command, port)
+        stack.callback(stop_process, proxy)
+        await sleep(reactor, 0.5)
+        mode = "fast mode" if not args.no_fast_mode else "no fast mode"
+        print(f"direct mode, {args.kind} secret, {mode}, {n} connections, {os.cpu_count()} CPUs")
+
+        def make(on_data: Any) -> Any:
+            return lambda: BenchClient(secret, on_data)
 
         # Download: the DC streams, clients count.
-        dcs.download, dcs.echo = per, False
-        cpu0, t0 = cpu_seconds(proxy.pid), time.monotonic()
-        clients = await connect_many(reactor, port, secret.key, n, lambda c, d: None)
-        while sum(c.received for c in clients) < per * n:
-            await task.deferLater(reactor, 0.05, lambda: None)
-        elapsed, cpu = time.monotonic() - t0, cpu_seconds(proxy.pid) - cpu0
+        per = args.megabytes * (1 << 20) // n
         total = per * n
+        dcs.download, dcs.echo = per, False
+        arrived = [0]
+        downloaded: defer.Deferred[None] = defer.Deferred()
+
+        def count(c: BenchClient, data: bytes) -> None:
+            arrived[0] += len(data)
+            if arrived[0] >= total and not downloaded.called:
+                downloaded.callback(None)
+
+        meter = Meter(proxy.pid)
+        clients = await connect_many(reactor, port, n, make(count))
+        await downloaded
+        elapsed, cpu = meter.stop()
         print(
             f"download: {total / elapsed / 1e6:.0f} MB/s, proxy {cpu / (total / 1e9):.2f} CPU s/GB"
         )
@@ -184,38 +166,15 @@ async def run(reactor: Any, args: argparse.Namespace) -> None:
 
         # Upload: clients stream encrypted bytes, the DC counts.
         dcs.download, dcs.echo = 0, False
-        sent = [0]
-        clients = await connect_many(reactor, port, secret.key, n, lambda c, d: None)
-        cpu0, t0 = cpu_seconds(proxy.pid), time.monotonic()
-
-        class Pump:
-            def __init__(self, client: Client) -> None:
-                self.client, self.left, self.paused = client, per, False
-                client.transport.registerProducer(self, True)
-                self.resumeProducing()
-
-            def resumeProducing(self) -> None:
-                self.paused = False
-                while self.left > 0 and not self.paused:
-                    self.left -= len(CHUNK)
-                    sent[0] += len(CHUNK)
-                    self.client.transport.write(self.client.encrypt(CHUNK))
-                if self.left <= 0:
-                    self.client.transport.unregisterProducer()
-                    self.client.transport.loseConnection()
-
-            def pauseProducing(self) -> None:
-                self.paused = True
-
-            def stopProducing(self) -> None:
-                self.left = 0
-
-        for c in clients:
-            Pump(c)
-        await defer.DeferredList([c.done for c in clients])
-        elapsed, cpu = time.monotonic() - t0, cpu_seconds(proxy.pid) - cpu0
-        rate = sent[0] / elapsed / 1e6
-        print(f"upload: {rate:.0f} MB/s, proxy {cpu / sent[0] * 1e9:.2f} CPU s/GB")
+        clients = await connect_many(reactor, port, n, make(lambda c, d: None))
+        per = -(-per // len(CHUNK)) * len(CHUNK)
+        arrived_all = dcs.expect(per * n)
+        meter.start()
+        pumps = [Pump(c, CHUNK, per, c.transport.loseConnection) for c in clients]
+        await arrived_all
+        elapsed, cpu = meter.stop()
+        sent = sum(p.sent for p in pumps)
+        print(f"upload: {sent / elapsed / 1e6:.0f} MB/s, proxy {cpu / sent * 1e9:.2f} CPU s/GB")
 
         # Small requests: 100-byte ping-pong, echoed by the DC.
         dcs.echo = True
@@ -224,20 +183,20 @@ async def run(reactor: Any, args: argparse.Namespace) -> None:
         remaining = [rounds * n]
         finished: defer.Deferred[None] = defer.Deferred()
 
-        def pong(c: Client, data: bytes) -> None:
+        def pong(c: BenchClient, data: bytes) -> None:
             if c.received % 100 == 0:
                 remaining[0] -= 1
                 if c.received < rounds * 100:
-                    c.transport.write(c.encrypt(payload))
+                    c.send(payload)
                 if remaining[0] == 0:
                     finished.callback(None)
 
-        clients = await connect_many(reactor, port, secret.key, n, pong)
-        cpu0, t0 = cpu_seconds(proxy.pid), time.monotonic()
+        clients = await connect_many(reactor, port, n, make(pong))
+        meter.start()
         for c in clients:
-            c.transport.write(c.encrypt(payload))
+            c.send(payload)
         await finished
-        elapsed, cpu = time.monotonic() - t0, cpu_seconds(proxy.pid) - cpu0
+        elapsed, cpu = meter.stop()
         print(
             f"small requests: {rounds * n / elapsed:.0f} round trips/s, "
             f"proxy {cpu / (rounds * n) * 1e6:.0f} CPU us per request"
@@ -247,37 +206,26 @@ async def run(reactor: Any, args: argparse.Namespace) -> None:
 
         # Idle connections: RSS growth per handshaken, silent pair.
         dcs.echo = False
-        await task.deferLater(reactor, 1.0, lambda: None)
+        await sleep(reactor, 1.0)
         rss0 = rss_bytes(proxy.pid)
-        idle = await connect_many(reactor, port, secret.key, args.idle, lambda c, d: None)
+        idle = await connect_many(reactor, port, args.idle, make(lambda c, d: None))
         for c in idle:
-            c.transport.write(c.encrypt(payload))
-        await task.deferLater(reactor, 2.0, lambda: None)
+            c.send(payload)
+        await sleep(reactor, 2.0)
         rss1 = rss_bytes(proxy.pid)
         print(
             f"idle: {args.idle} pairs, proxy RSS +{(rss1 - rss0) / args.idle / 1024:.1f} kB each"
         )
         for c in idle:
             c.transport.loseConnection()
-    finally:
-        proxy.terminate()
-        proxy.wait(10)
+        await sleep(reactor, 0.5)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--connections", type=int, default=50)
-    parser.add_argument("--megabytes", type=int, default=1000)
-    parser.add_argument("--requests", type=int, default=200, help="round trips per connection")
-    parser.add_argument("--idle", type=int, default=2000, help="idle connections for RSS")
-    parser.add_argument("--no-fast-mode", action="store_true")
-    parser.add_argument("--state-dir", default="/tmp/mtproxy-tw-bench")
-    args = parser.parse_args()
-    import resource
-
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    task.react(lambda reactor: defer.ensureDeferred(run(reactor, args)))
+    p = parser(__doc__)
+    p.add_argument("--no-fast-mode", action="store_true")
+    args = p.parse_args()
+    react(lambda reactor: run(reactor, args))
 
 
 if __name__ == "__main__":
