@@ -15,11 +15,12 @@ falls back to plain ``write()``. ``setup.cfg`` bounds the Twisted version and
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 from typing import Any
 
-__all__ = ["tune_malloc", "write"]
+__all__ = ["no_delay", "tune_malloc", "write"]
 
 
 def write(transport: Any, data: bytes) -> None:
@@ -48,6 +49,17 @@ def write(transport: Any, data: bytes) -> None:
             return
         data = data[sent:]
     transport.write(data)
+
+
+def no_delay(transport: Any) -> None:
+    """
+    Turn Nagle's algorithm off: MTProto packets are small and latency-bound,
+    and every write here is already one whole chunk.
+    """
+    set_no_delay = getattr(transport, "setTcpNoDelay", None)
+    if set_no_delay is not None:
+        with contextlib.suppress(OSError):
+            set_no_delay(True)
 
 
 def tune_malloc() -> bool:

@@ -722,6 +722,7 @@ class MEConnection(Protocol):
         self.pool.connections.add(self)
         self.last_received = reactor.seconds()
         transport: Any = self.transport
+        _fastwrite.no_delay(transport)
         if hasattr(transport, "bufferSize"):
             transport.bufferSize = _READ_SIZE
         transport.registerProducer(self, True)

@@ -154,6 +154,7 @@ class ClientProtocol(Protocol):
             return
         core.clients.add(self)
         core.stats.active += 1
+        _fastwrite.no_delay(self.transport)
         self._handler = self._read_first
         self._timer = core.reactor.callLater(
             self.settings.handshake_timeout, self._handshake_timed_out
@@ -595,6 +596,7 @@ class ClientProtocol(Protocol):
             return
         self._upstream = protocol
         upstream = protocol.transport
+        _fastwrite.no_delay(upstream)
         _set_read_size(upstream)
         _set_read_size(self.transport)
         upstream.write(b"".join(self._pending))

@@ -84,6 +84,24 @@ class WriteTests(SynchronousTestCase):
             self.assertTrue(hasattr(connection, name), name)
 
 
+class NoDelayTests(SynchronousTestCase):
+    def test_sets_option(self) -> None:
+        calls: list[bool] = []
+
+        class TCP:
+            def setTcpNoDelay(self, enabled: bool) -> None:
+                calls.append(enabled)
+
+        class Failing:
+            def setTcpNoDelay(self, enabled: bool) -> None:
+                raise OSError("not a TCP socket")
+
+        _fastwrite.no_delay(TCP())
+        _fastwrite.no_delay(Failing())
+        _fastwrite.no_delay(object())
+        self.assertEqual(calls, [True])
+
+
 class MallocTests(SynchronousTestCase):
     def test_tune(self) -> None:
         self.assertIsInstance(_fastwrite.tune_malloc(), bool)

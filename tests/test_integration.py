@@ -277,6 +277,19 @@ class RoutingTests(ProxyHarness):
         users = sorted(pair.user or "" for pair in self.service.core.clients)
         self.assertEqual(users, ["alice", "bob", "carol"])
 
+    async def _no_delay(self) -> None:
+        await self.start()
+        client = await self.client(SECURE)
+        payload = _payload(100)
+        self.assertEqual(await self.within(client.request(payload)), payload)
+        pair = self.proxy_pair()
+        assert pair._upstream is not None
+        transports: list[Any] = [pair.transport, pair._upstream.transport]
+        self.assertEqual([t.getTcpNoDelay() for t in transports], [True, True])
+
+    def test_both_sockets_send_without_delay(self) -> Deferred[None]:
+        return self.run_async(self._no_delay())
+
     def test_secret_selects_user(self) -> Deferred[None]:
         return self.run_async(self._secrets())
 
