@@ -1,8 +1,12 @@
 """
-The protocols of direct mode: a client connection and its DC connection.
+The client-facing protocol and, for direct mode, its DC connection.
 
-They only move bytes between transports and the codecs; every decision about
-bytes lives in :mod:`mtproxy_tw.obfuscated2` and friends.
+A client connection reads a fake-TLS ClientHello or an obfuscated2 init,
+then relays to a DC (direct mode), to a middle-proxy session
+(:mod:`mtproxy_tw.middle`), or, when the handshake fails, to the mask host
+(:mod:`mtproxy_tw.fronting`). The protocols only move bytes between
+transports and the codecs; every decision about bytes lives in
+:mod:`mtproxy_tw.obfuscated2`, :mod:`mtproxy_tw.faketls` and friends.
 """
 
 from __future__ import annotations
@@ -103,11 +107,14 @@ def _discard(data: bytes) -> None:
 @implementer(IHalfCloseableProtocol)
 class ClientProtocol(Protocol):
     """
-    One client: handshake, then a relay to its DC.
+    One client: handshake, then a relay.
 
-    States, each a ``_handler`` for incoming bytes: reading the init;
-    waiting for the DC (the client transport is paused); relaying;
-    closed (bytes are discarded).
+    States, each a ``_handler`` for incoming bytes: reading the first bytes
+    (a ClientHello or an init); after a valid hello, reading the init out of
+    TLS records; waiting for the DC or the mask host (the client transport
+    is paused and what arrives is queued); relaying to the DC, a middle-proxy
+    session or the mask host; closed (bytes are discarded). With fake TLS,
+    :meth:`_unwrap` takes records off before the relaying handler.
     """
 
     log = Logger()
