@@ -417,7 +417,7 @@ class FrameDecoder:
         if self._decryptor is None:
             self._buf += data
             return
-        raw = self._raw + data
+        raw = self._raw + data if self._raw else data
         whole = len(raw) - len(raw) % 16
         if whole:
             self._buf += self._decryptor.update(memoryview(raw)[:whole])
@@ -438,12 +438,14 @@ class FrameDecoder:
                     raise RPCError(f"bad frame length {total}")
                 if len(buf) - pos < total:
                     return None
-                header = bytes(buf[pos : pos + 8])
-                payload = bytes(buf[pos + 8 : pos + total - 4])
                 (crc,) = _u32.unpack_from(buf, pos + total - 4)
-                if zlib.crc32(payload, zlib.crc32(header)) != crc:
-                    raise RPCError("frame CRC mismatch")
-                (seq,) = _i32.unpack_from(header, 4)
+                # One copy of the payload; the CRC reads the buffer in place.
+                # (The views are gone before the buffer is resized below.)
+                with memoryview(buf) as view:
+                    if zlib.crc32(view[pos : pos + total - 4]) != crc:
+                        raise RPCError("frame CRC mismatch")
+                    payload = bytes(view[pos + 8 : pos + total - 4])
+                (seq,) = _i32.unpack_from(buf, pos + 4)
                 if seq != self.seq:
                     raise RPCError(f"frame seq {seq}, expected {self.seq}")
                 self.seq += 1
