@@ -67,8 +67,11 @@ class Codec:
         """
         raise NotImplementedError
 
-    def _payload(self, body: bytes) -> bytes:
-        return body
+    def _payload_length(self, body_length: int) -> int:
+        """
+        How much of a packet's body is payload (the rest is padding).
+        """
+        return body_length
 
     def feed(self, data: bytes) -> list[Packet]:
         """
@@ -87,7 +90,10 @@ class Codec:
             end = offset + hlen + blen
             if end > len(buf):
                 break
-            packets.append(Packet(self._payload(bytes(buf[offset + hlen : end])), quick))
+            start = offset + hlen
+            with memoryview(buf) as view:  # one copy, and released before the resize
+                payload = bytes(view[start : start + self._payload_length(blen)])
+            packets.append(Packet(payload, quick))
             offset = end
         if offset:
             del buf[:offset]
@@ -168,9 +174,8 @@ class PaddedIntermediateCodec(IntermediateCodec):
         padding = self._random(self._random(1)[0] & 3)
         return super().encode(payload + padding, quick_ack)
 
-    def _payload(self, body: bytes) -> bytes:
-        cut = len(body) & 3
-        return body[:-cut] if cut else body
+    def _payload_length(self, body_length: int) -> int:
+        return body_length - (body_length & 3)
 
 
 def codec_for_tag(tag: bytes) -> Codec:
