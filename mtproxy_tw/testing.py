@@ -79,6 +79,7 @@ __all__ = [
     "FakeMiddleProxy",  # noqa: F822
     "FakeSite",
     "ObfuscatedClient",
+    "PacketQueue",
     "RawClient",
     "buffered_bytes",
     "connect_client",
@@ -434,7 +435,55 @@ class RawClient(Protocol):
         self.lost.callback(None)
 
 
-class ObfuscatedClient(Protocol):
+class PacketQueue:
+    """
+    Received packets, handed to :meth:`receive` callers in arrival order.
+
+    A test client mixes it in, calls :meth:`deliver` for each packet and
+    :meth:`fail_waiting` when its connection is lost, and defines ``send``.
+    """
+
+    def __init__(self) -> None:
+        self.reason: Failure | None = None
+        self._packets: list[bytes] = []
+        self._waiting: list[Deferred[bytes]] = []
+
+    def send(self, payload: bytes) -> None:
+        raise NotImplementedError
+
+    def deliver(self, payload: bytes) -> None:
+        if self._waiting:
+            self._waiting.pop(0).callback(payload)
+        else:
+            self._packets.append(payload)
+
+    def fail_waiting(self, reason: Failure) -> None:
+        self.reason = reason
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.errback(reason)
+
+    def receive(self) -> Deferred[bytes]:
+        """
+        The next packet; fails with the reason if the connection closes first.
+        """
+        if self._packets:
+            return succeed(self._packets.pop(0))
+        if self.reason is not None:
+            return fail(self.reason)
+        d: Deferred[bytes] = Deferred()
+        self._waiting.append(d)
+        return d
+
+    def request(self, payload: bytes) -> Deferred[bytes]:
+        """
+        Send a packet and wait for the next one (the fake DC's echo).
+        """
+        self.send(payload)
+        return self.receive()
+
+
+class ObfuscatedClient(PacketQueue, Protocol):
     """
     A client of the proxy: obfuscated2 with a secret, then one transport.
 
@@ -455,6 +504,7 @@ class ObfuscatedClient(Protocol):
         init: InitiatorStreams | None = None,
         max_packet: int = TEST_MAX_PACKET,
     ) -> None:
+        super().__init__()
         self.tag = tag
         self.dc = dc
         self.init = init if init is not None else generate_init(tag, dc, secret=key)
@@ -462,9 +512,6 @@ class ObfuscatedClient(Protocol):
         self.bytes_received = 0
         self.on_packet: Callable[[bytes], None] | None = None
         self.lost: Deferred[None] = Deferred()
-        self.reason: Failure | None = None
-        self._packets: list[bytes] = []
-        self._waiting: list[Deferred[bytes]] = []
 
     def connectionMade(self) -> None:
         self.transport.write(self.init.wire)
@@ -480,25 +527,6 @@ class ObfuscatedClient(Protocol):
         Encrypt and send bytes of the transport stream as they are.
         """
         self.transport.write(self.init.encryptor.update(data))
-
-    def receive(self) -> Deferred[bytes]:
-        """
-        The next packet; fails with the reason if the connection closes first.
-        """
-        if self._packets:
-            return succeed(self._packets.pop(0))
-        if self.reason is not None:
-            return fail(self.reason)
-        d: Deferred[bytes] = Deferred()
-        self._waiting.append(d)
-        return d
-
-    def request(self, payload: bytes) -> Deferred[bytes]:
-        """
-        Send a packet and wait for the next one (the fake DC's echo).
-        """
-        self.send(payload)
-        return self.receive()
 
     def pause(self) -> None:
         """
@@ -527,16 +555,11 @@ class ObfuscatedClient(Protocol):
         for packet in packets:
             if self.on_packet is not None:
                 self.on_packet(packet.payload)
-            elif self._waiting:
-                self._waiting.pop(0).callback(packet.payload)
             else:
-                self._packets.append(packet.payload)
+                self.deliver(packet.payload)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.reason = reason
-        waiting, self._waiting = self._waiting, []
-        for d in waiting:
-            d.errback(reason)
+        self.fail_waiting(reason)
         self.lost.callback(None)
 
 

@@ -15,7 +15,7 @@ import time
 from collections import Counter
 from typing import Any
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import deferLater
@@ -32,6 +32,7 @@ from mtproxy_tw.service import ProxyService
 from mtproxy_tw.settings import Settings
 from mtproxy_tw.testing import (
     FakeDC,
+    PacketQueue,
     RawClient,
     buffered_bytes,
     connect_raw,
@@ -83,7 +84,7 @@ def _app_data_len(flight: bytes) -> int:
     return int.from_bytes(flight[at + 3 : at + 5], "big")
 
 
-class FakeTLSClient(Protocol):
+class FakeTLSClient(PacketQueue, Protocol):
     """
     A Telegram app's fake-TLS connection, the way tdlib makes it.
 
@@ -113,6 +114,7 @@ class FakeTLSClient(Protocol):
         hello: bytes | None = None,
         record_size: int = TDLIB_RECORD,
     ) -> None:
+        super().__init__()
         self.key = key
         if hello is None:
             ts = int(time.time()) if timestamp is None else timestamp
@@ -128,11 +130,8 @@ class FakeTLSClient(Protocol):
         self.record_sizes: list[int] = []
         self.bad_records: list[bytes] = []
         self.lost: Deferred[None] = Deferred()
-        self.reason: Failure | None = None
         self.started = False
         self._buffer = bytearray()
-        self._packets: list[bytes] = []
-        self._waiting: list[Deferred[bytes]] = []
 
     # -- connection
 
@@ -177,18 +176,12 @@ class FakeTLSClient(Protocol):
         if not payloads:
             return
         for packet in self.codec.feed(self.init.decryptor.update(b"".join(payloads))):
-            if self._waiting:
-                self._waiting.pop(0).callback(packet.payload)
-            else:
-                self._packets.append(packet.payload)
+            self.deliver(packet.payload)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.reason = reason
         if not self.answered.called:
             self.answered.errback(reason)
-        waiting, self._waiting = self._waiting, []
-        for d in waiting:
-            d.errback(reason)
+        self.fail_waiting(reason)
         self.lost.callback(None)
 
     # -- sending
@@ -227,19 +220,6 @@ class FakeTLSClient(Protocol):
                 await deferLater(reactor, 0, lambda: None)
             # One more turn for the proxy to read what just left.
             await deferLater(reactor, 0, lambda: None)
-
-    def receive(self) -> Deferred[bytes]:
-        if self._packets:
-            return succeed(self._packets.pop(0))
-        if self.reason is not None:
-            return fail(self.reason)
-        d: Deferred[bytes] = Deferred()
-        self._waiting.append(d)
-        return d
-
-    def request(self, payload: bytes) -> Deferred[bytes]:
-        self.send(payload)
-        return self.receive()
 
 
 class _Given(Factory):
