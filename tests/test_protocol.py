@@ -6,8 +6,11 @@ and what is connected to when.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
@@ -15,6 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mtproxy_tw.core import ProxyCore
 from mtproxy_tw.dcs import Address, DCTable
+from mtproxy_tw.faketls import build_client_hello
 from mtproxy_tw.obfuscated2 import TAG_PADDED, generate_init
 from mtproxy_tw.relay import ClientProtocol
 from mtproxy_tw.secrets import parse_secret
@@ -110,3 +114,57 @@ class ProtocolTests(SynchronousTestCase):
         protocol.connectionLost()
         self.assertEqual(self.reactor.getDelayedCalls(), [])
         self.assertQuietLog()
+
+
+EE = parse_secret("erin=ee" + "e5" * 16 + b"example.com".hex(), "x")
+
+
+class FuzzTests(SynchronousTestCase):
+    """
+    Whatever bytes arrive, in whatever pieces, the protocol neither raises
+    nor logs above info, and buffers a bounded amount.
+    """
+
+    def run_fuzz(self, chunks: list[bytes], **options: Any) -> None:
+        reactor = MemoryReactorClock()
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        try:
+            config = Settings(secrets=(SECRET, EE), dcs=DCTable({2: DC}), mask_host=DC, **options)
+            core = ProxyCore(config, reactor)
+            protocol = ClientProtocol(core)
+            transport = Transport()
+            protocol.makeConnection(transport)
+            for chunk in chunks:
+                protocol.dataReceived(chunk)
+                self.assertLessEqual(len(protocol._buffer), 17000 + 64 + len(chunk))
+            reactor.advance(config.handshake_timeout)
+            protocol.connectionLost()
+            self.assertEqual(core.clients, set())
+        finally:
+            globalLogPublisher.removeObserver(events.append)
+        for event in events:
+            self.assertNotIn("log_failure", event)
+            self.assertLess(event.get("log_level", LogLevel.info), LogLevel.warn, event)
+
+    @settings(max_examples=150, deadline=None)
+    @given(st.lists(st.binary(max_size=700), max_size=6), st.booleans())
+    def test_random_bytes(self, chunks: list[bytes], tls_first: bool) -> None:
+        if tls_first:
+            chunks = [b"\x16\x03\x01\x02\x00", *chunks]
+        self.run_fuzz(chunks)
+
+    @settings(max_examples=100, deadline=None)
+    @given(st.integers(0, 600), st.binary(max_size=300), st.booleans())
+    def test_damaged_hello(self, cut: int, tail: bytes, mlkem: bool) -> None:
+        hello = build_client_hello(EE.key, "example.com", int(time.time()), mlkem=mlkem)
+        self.run_fuzz([hello[:cut], tail], mask=False)
+
+    @settings(max_examples=100, deadline=None)
+    @given(st.binary(max_size=400))
+    def test_valid_hello_then_garbage(self, tail: bytes) -> None:
+        """
+        After a valid hello the proxy answers; garbage records then only close.
+        """
+        hello = build_client_hello(EE.key, "example.com", int(time.time()))
+        self.run_fuzz([hello, tail])
