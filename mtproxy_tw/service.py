@@ -14,6 +14,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -24,7 +25,13 @@ from mtproxy_tw.relay import ClientFactory
 from mtproxy_tw.settings import Settings
 from mtproxy_tw.tlsprofile import ProfileService
 
-__all__ = ["ProxyService", "raise_open_file_limit"]
+__all__ = ["ListenError", "ProxyService", "raise_open_file_limit"]
+
+
+class ListenError(SystemExit):
+    """
+    A listener cannot be set up; ends the program with one line saying why.
+    """
 
 
 def raise_open_file_limit() -> tuple[int, int]:
@@ -58,7 +65,10 @@ class ProxyService(MultiService):
         self.factory = ClientFactory(self.core)
         self.listeners: list[StreamServerEndpointService] = []
         for description in listen:
-            endpoint = serverFromString(reactor, description)
+            try:
+                endpoint = serverFromString(reactor, description)
+            except (ValueError, TypeError, KeyError, IndexError) as e:
+                raise ListenError(f"--listen {description}: not a usable endpoint ({e})") from None
             listener = StreamServerEndpointService(endpoint, self.factory)
             listener._raiseSynchronously = True  # a port in use must fail the start
             listener.setServiceParent(self)
@@ -135,7 +145,26 @@ class ProxyService(MultiService):
                     self.core.mask_disabled = True
                     return
 
+    def _listen(self) -> None:
+        """
+        Start every listener now; a failure ends the start with one line.
+        """
+        for description, listener in zip(self.listen, self.listeners, strict=True):
+            if listener._waitingForPort is not None:
+                continue
+            try:
+                listener.privilegedStartService()
+            except CannotListenError as e:
+                reason = e.socketError.strerror if isinstance(e.socketError, OSError) else e
+                raise ListenError(f"--listen {description}: cannot listen: {reason}") from None
+
+    def privilegedStartService(self) -> None:
+        # Listen first: a port below 1024 may need the privileges.
+        self._listen()
+        super().privilegedStartService()
+
     def startService(self) -> None:
+        self._listen()
         soft, hard = raise_open_file_limit()
         self.log.info("open file limit: {soft} (hard {hard})", soft=soft, hard=hard)
         if not tune_malloc():

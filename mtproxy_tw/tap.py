@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application.service import IService, MultiService, Service
+from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -148,6 +149,15 @@ class Options(MiddleOptionsMixin, usage.Options):
             if not 0 <= port < 65536:
                 raise usage.UsageError(f"--port: {port} is out of range")
             self["listen"] = [f"tcp:{port}"]
+        for description in self["listen"]:
+            if description.startswith("systemd:"):
+                continue  # its sockets exist only when systemd starts us
+            try:
+                serverFromString(None, description)
+            except (ValueError, TypeError, KeyError, IndexError) as e:
+                raise usage.UsageError(
+                    f"--listen: {description!r} is not an endpoint Twisted knows ({e})"
+                ) from None
         try:
             modes = frozenset(Mode(m.strip()) for m in self["modes"].split(",") if m.strip())
         except ValueError:
@@ -317,7 +327,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         if not secrets:
             secrets = (state.default_secret(),)
     except StateError as e:
-        raise usage.UsageError(f"--state-dir: {e}") from None
+        # Raised after option parsing: one line on stderr, not a traceback.
+        raise SystemExit(f"--state-dir: {e}") from None
     log.info("state directory: {path}", path=str(state.path))
     settings = settings_from_options(options, secrets)
     top = MultiService()

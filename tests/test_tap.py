@@ -16,7 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from mtproxy_tw import tap
 from mtproxy_tw.dcs import Address
 from mtproxy_tw.secrets import Mode
-from mtproxy_tw.service import ProxyService
+from mtproxy_tw.service import ListenError, ProxyService
 
 S = "0123456789abcdeffedcba9876543210"
 
@@ -40,6 +40,13 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(listen["listen"], ["tcp6:443", "tcp:8443:interface=127.0.0.1"])
         self.assertRaises(UsageError, parse, "--port", "1", "--listen", "tcp:2")
         self.assertRaises(UsageError, parse, "--port", "70000")
+
+    def test_bad_listen(self) -> None:
+        for bad in ("bogus:1", "tcp:notaport", "tcp:1:colour=blue"):
+            e = self.assertRaises(UsageError, parse, "--listen", bad)
+            self.assertTrue(str(e).startswith("--listen:"), str(e))
+        systemd = parse("--listen", "systemd:domain=INET:index=0")
+        self.assertEqual(systemd["listen"], ["systemd:domain=INET:index=0"])
 
     def test_secrets(self) -> None:
         options = parse("--secret", S, "--secret", "bob=dd" + S)
@@ -153,7 +160,7 @@ class MakeServiceTests(SynchronousTestCase):
         blocker = self.mktemp()
         Path(blocker).write_text("x")
         e = self.assertRaises(
-            UsageError,
+            SystemExit,
             tap.makeService,
             parse("--state-dir", blocker + "/sub"),
             MemoryReactorClock(),
@@ -214,6 +221,33 @@ class MakeServiceTests(SynchronousTestCase):
         )
         top.startService()
         self.assertEqual([(p[0], p[3]) for p in reactor.tcpServers], [(8443, "127.0.0.1")])
+
+
+class ListenErrorTests(SynchronousTestCase):
+    def test_cannot_listen_is_one_line(self) -> None:
+        """
+        A port that cannot be had ends the start with one line naming it.
+        """
+        from twisted.internet import reactor
+
+        service = ProxyService(
+            tap.settings_from_options(parse("--secret", S), ()),
+            reactor,
+            ["tcp:1:interface=192.0.2.1"],
+        )
+        e = self.assertRaises(ListenError, service.privilegedStartService)
+        self.assertTrue(str(e).startswith("--listen tcp:1:interface=192.0.2.1: cannot listen:"))
+        self.assertNotIn("\n", str(e))
+
+    def test_unusable_endpoint(self) -> None:
+        e = self.assertRaises(
+            ListenError,
+            ProxyService,
+            tap.settings_from_options(parse("--secret", S), ()),
+            MemoryReactorClock(),
+            ["systemd:domain=INET:index=5"],
+        )
+        self.assertTrue(str(e).startswith("--listen systemd:domain=INET:index=5:"))
 
 
 class PluginTests(SynchronousTestCase):
