@@ -329,6 +329,11 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     except StateError as e:
         # Raised after option parsing: one line on stderr, not a traceback.
         raise SystemExit(f"--state-dir: {e}") from None
+    if not any(secret.admits() & options["modes"] for secret in secrets):
+        raise SystemExit(
+            "--modes: none of the secrets can be used in these modes "
+            "(tls needs an ee secret: --secret ee...)"
+        )
     log.info("state directory: {path}", path=str(state.path))
     settings = settings_from_options(options, secrets)
     top = MultiService()

@@ -167,6 +167,14 @@ class MakeServiceTests(SynchronousTestCase):
         )
         self.assertTrue(str(e).startswith("--state-dir:"))
 
+    def test_modes_without_usable_secret(self) -> None:
+        """
+        --modes tls with only the generated dd secret would accept nobody.
+        """
+        options = parse("--modes", "tls", "--state-dir", self.mktemp())
+        e = self.assertRaises(SystemExit, tap.makeService, options, MemoryReactorClock())
+        self.assertTrue(str(e).startswith("--modes:"))
+
     def test_middle_mode(self) -> None:
         """
         --ad-tag puts a middle-proxy upstream and the config service in the tree.
