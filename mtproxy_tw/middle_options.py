@@ -26,6 +26,7 @@ from twisted.application.service import IService, MultiService
 from twisted.logger import Logger
 from twisted.python import usage
 
+from mtproxy_tw._options import count, number
 from mtproxy_tw.core import ProxyCore
 from mtproxy_tw.middle import DEFAULT_IP_LOOKUP_URL, ExternalAddress, MiddleProxy, MiddleSettings
 from mtproxy_tw.relay import MiddleUpstream
@@ -171,24 +172,6 @@ def _url(option: str, value: Any) -> str:
     return text
 
 
-def _number(option: str, value: Any, low: float, whole: bool = False) -> float:
-    try:
-        number = int(value) if whole else float(value)
-    except (TypeError, ValueError):
-        kind = "a whole number" if whole else "a number"
-        raise usage.UsageError(f"--{option}: {value!r} is not {kind}") from None
-    if not number >= low:
-        raise usage.UsageError(f"--{option}: must be at least {low:g}")
-    return number
-
-
-def _count(option: str, value: Any, low: int = 1, high: int = 1000) -> int:
-    number = int(_number(option, value, low, whole=True))
-    if number > high:
-        raise usage.UsageError(f"--{option}: must be at most {high}")
-    return number
-
-
 def middle_settings_from_options(options: Mapping[str, Any]) -> MiddleSettings | None:
     """
     Validate this module's options; None when clients go to the DCs directly.
@@ -217,12 +200,16 @@ def middle_settings_from_options(options: Mapping[str, Any]) -> MiddleSettings |
             ("proxy-secret-url", PROXY_SECRET_URL),
         )
     }
-    refresh = _number("config-refresh", options.get("config-refresh", 3600), 1)
-    pool_min = _count("middle-pool-min", options.get("middle-pool-min", _DEFAULTS.pool_min))
-    pool_max = _count("middle-pool-max", options.get("middle-pool-max", _DEFAULTS.pool_max))
+    refresh = number("config-refresh", options.get("config-refresh", 3600), 1)
+    pool_min = count(
+        "middle-pool-min", options.get("middle-pool-min", _DEFAULTS.pool_min), high=1000
+    )
+    pool_max = count(
+        "middle-pool-max", options.get("middle-pool-max", _DEFAULTS.pool_max), high=1000
+    )
     if pool_max < pool_min:
         raise usage.UsageError("--middle-pool-max: must not be below --middle-pool-min")
-    per_connection = _count(
+    per_connection = count(
         "middle-clients-per-connection",
         options.get("middle-clients-per-connection", _DEFAULTS.clients_per_connection),
         high=1 << 20,

@@ -15,6 +15,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from mtproxy_tw import __version__
+from mtproxy_tw._options import count, number
 from mtproxy_tw.dcs import Address, DCTable, parse_address, parse_dc_override
 from mtproxy_tw.middle_options import (
     MIDDLE_FLAGS,
@@ -32,26 +33,6 @@ from mtproxy_tw.state import StateDir, StateError, default_state_dir
 __all__ = ["Options", "makeService"]
 
 log = Logger()
-
-
-def _positive(option: str, text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise usage.UsageError(f"--{option}: {text!r} is not a number") from None
-    if not value > 0:
-        raise usage.UsageError(f"--{option}: must be greater than zero")
-    return value
-
-
-def _count(option: str, text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise usage.UsageError(f"--{option}: {text!r} is not a whole number") from None
-    if value < 1:
-        raise usage.UsageError(f"--{option}: must be at least 1")
-    return value
 
 
 class Options(MiddleOptionsMixin, usage.Options):
@@ -168,30 +149,19 @@ class Options(MiddleOptionsMixin, usage.Options):
             raise usage.UsageError("--modes: at least one mode is needed")
         self["modes"] = modes
         for name in ("handshake-timeout", "idle-timeout", "connect-timeout", "replay-window"):
-            self[name] = _positive(name, self[name])
-        drain = self["drain-timeout"]
-        try:
-            self["drain-timeout"] = float(drain)
-        except ValueError:
-            raise usage.UsageError(f"--drain-timeout: {drain!r} is not a number") from None
-        if self["drain-timeout"] < 0:
-            raise usage.UsageError("--drain-timeout: must not be negative")
+            self[name] = number(name, self[name], 0, above=True)
+        self["drain-timeout"] = number("drain-timeout", self["drain-timeout"], 0)
         if self["mask"] and self["no-mask"]:
             raise usage.UsageError("--mask: give either --mask or --no-mask")
-        self["tls-time-skew"] = _positive("tls-time-skew", self["tls-time-skew"])
-        try:
-            self["stats-interval"] = float(self["stats-interval"])
-        except ValueError:
-            raise usage.UsageError("--stats-interval: not a number") from None
-        if self["stats-interval"] < 0:
-            raise usage.UsageError("--stats-interval: must not be negative")
+        self["tls-time-skew"] = number("tls-time-skew", self["tls-time-skew"], 0, above=True)
+        self["stats-interval"] = number("stats-interval", self["stats-interval"], 0)
         if self["mask-host"] is not None:
             try:
                 self["mask-host"] = parse_address(self["mask-host"], default_port=443)
             except ValueError as e:
                 raise usage.UsageError(f"--mask-host: {e}") from None
         for name in ("max-connections", "replay-capacity"):
-            self[name] = _count(name, self[name])
+            self[name] = count(name, self[name])
         self["fixed-secrets"] = list(self["secrets"])
         if self["secrets-file"] is not None:
             self["secrets-file"] = Path(self["secrets-file"])
