@@ -20,7 +20,27 @@ import ctypes
 import ctypes.util
 from typing import Any
 
-__all__ = ["no_delay", "tune_malloc", "write"]
+__all__ = ["READ_SIZE", "buffered", "no_delay", "set_read_size", "tune_malloc", "write"]
+
+
+#: Bytes read per ``dataReceived`` and the write-buffer size at which a
+#: transport pauses its producer: large reads amortise the per-call costs.
+READ_SIZE = 1 << 18
+
+
+def set_read_size(transport: Any) -> None:
+    if hasattr(transport, "bufferSize"):
+        transport.bufferSize = READ_SIZE
+
+
+def buffered(transport: Any) -> int:
+    """
+    Bytes a TCP transport holds in its own write buffer (0 for other kinds).
+    """
+    data = getattr(transport, "dataBuffer", b"")
+    offset: int = getattr(transport, "offset", 0)
+    temp: int = getattr(transport, "_tempDataLen", 0)
+    return len(data) - offset + temp
 
 
 def write(transport: Any, data: bytes) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hmac
 import os
+import random
 import secrets as _random
 import struct
 from collections.abc import Iterable, Sequence
@@ -32,6 +33,7 @@ __all__ = [
     "build_server_hello",
     "check_server_hello",
     "choose_cipher_suite",
+    "fallback_app_data_len",
     "parse_client_hello",
     "read_client_hello",
     "timestamp_ok",
@@ -303,6 +305,15 @@ def timestamp_ok(
 # --- ServerHello flight --------------------------------------------------------------------
 
 
+def fallback_app_data_len(rng: random.Random | None = None) -> int:
+    """A plausible ApplicationData size (2500..3619) when the real site's is unknown.
+
+    A certificate chain's worth of bytes, as the official proxy uses when its probe fails.
+    """
+    rng = rng or random.SystemRandom()
+    return 2500 + rng.randrange(1120)
+
+
 def build_server_hello(
     secret: bytes,
     client_random: bytes,
@@ -322,7 +333,7 @@ def build_server_hello(
     """
     if filler is None:
         if app_data_len is None:
-            app_data_len = 2500 + _random.randbelow(1120)
+            app_data_len = fallback_app_data_len()
         filler = os.urandom(app_data_len)
     elif app_data_len is not None and app_data_len != len(filler):
         raise ValueError("app_data_len does not match the filler")

@@ -81,7 +81,6 @@ def _abridged_long(words: int) -> bytes:
 
 
 _ANY_V4 = ipaddress.IPv4Address(0)
-_READ_SIZE = 1 << 18
 #: A ready connection lost within this many seconds counts as a flap.
 _SHORT_LIVED = 5.0
 
@@ -723,8 +722,7 @@ class MEConnection(Protocol):
         self.last_received = reactor.seconds()
         transport: Any = self.transport
         _fastwrite.no_delay(transport)
-        if hasattr(transport, "bufferSize"):
-            transport.bufferSize = _READ_SIZE
+        _fastwrite.set_read_size(transport)
         transport.registerProducer(self, True)
         self._timer = reactor.callLater(
             self.upstream.settings.handshake_timeout, self._handshake_timed_out

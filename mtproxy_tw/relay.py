@@ -90,16 +90,6 @@ class MiddleUpstream(TypingProtocol):
     def attach(self, client: ClientProtocol, dc: int, tag: bytes) -> MiddleSession: ...
 
 
-#: Bytes read per ``dataReceived`` and the write-buffer size at which the
-#: other side is paused: large reads amortise the per-call costs.
-READ_SIZE = 1 << 18
-
-
-def _set_read_size(transport: object) -> None:
-    if hasattr(transport, "bufferSize"):
-        transport.bufferSize = READ_SIZE
-
-
 def _discard(data: bytes) -> None:
     pass
 
@@ -555,11 +545,7 @@ class ClientProtocol(Protocol):
         """
         Bytes waiting in this client's write buffer.
         """
-        t: Any = self.transport
-        try:
-            return len(t.dataBuffer) - t.offset + t._tempDataLen  # type: ignore[no-any-return]
-        except AttributeError:
-            return 0
+        return _fastwrite.buffered(self.transport)
 
     def pause_reading(self) -> None:
         if not self.closed:
@@ -604,8 +590,8 @@ class ClientProtocol(Protocol):
         self._upstream = protocol
         upstream = protocol.transport
         _fastwrite.no_delay(upstream)
-        _set_read_size(upstream)
-        _set_read_size(self.transport)
+        _fastwrite.set_read_size(upstream)
+        _fastwrite.set_read_size(self.transport)
         upstream.write(b"".join(self._pending))
         self._pending = []
         upstream.registerProducer(self.transport, True)  # type: ignore[arg-type]

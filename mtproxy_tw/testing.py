@@ -47,6 +47,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mtproxy_tw import _fastwrite
 from mtproxy_tw.obfuscated2 import (
     INIT_LENGTH,
     TAG_ABRIDGED,
@@ -154,10 +155,7 @@ def buffered_bytes(transport: object) -> int:
     """
     Bytes a Twisted TCP transport holds in its own write buffer.
     """
-    data = getattr(transport, "dataBuffer", b"")
-    offset: int = getattr(transport, "offset", 0)
-    temp: int = getattr(transport, "_tempDataLen", 0)
-    return len(data) - offset + temp
+    return _fastwrite.buffered(transport)
 
 
 def _tl_bytes(data: bytes) -> bytes:

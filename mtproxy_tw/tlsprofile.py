@@ -27,7 +27,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mtproxy_tw.faketls import NeedMore, TLSError, build_client_hello
+from mtproxy_tw.faketls import NeedMore, TLSError, build_client_hello, fallback_app_data_len
 
 if TYPE_CHECKING:
     from mtproxy_tw.core import ProxyCore
@@ -77,12 +77,8 @@ class TLSProfile:
         return max(1, min(16384, rng.choice(self.sizes) + rng.randint(-1, 1)))
 
 
-def fallback_size(rng: _random.Random | None = None) -> int:
-    """
-    A plausible size of a certificate-carrying record when no profile exists.
-    """
-    rng = rng or _random.SystemRandom()
-    return 2500 + rng.randrange(1120)
+#: The size used when a site has no profile (the codec's own fallback).
+fallback_size = fallback_app_data_len
 
 
 def _read_record(data: bytes, pos: int) -> tuple[int, bytes] | NeedMore:
