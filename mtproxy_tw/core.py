@@ -16,6 +16,7 @@ from mtproxy_tw.dcs import Address
 from mtproxy_tw.replay import ReplayCache
 from mtproxy_tw.settings import Settings
 from mtproxy_tw.stats import Stats
+from mtproxy_tw.throttle import Throttle
 from mtproxy_tw.tlsprofile import TLSProfile
 
 if TYPE_CHECKING:
@@ -40,6 +41,9 @@ class ProxyCore:
         self.replay = ReplayCache(reactor, settings.replay_capacity, settings.replay_window)
         self.stats = Stats()
         self.clients: set[ClientProtocol] = set()
+        #: Clients still in their handshake, oldest first.
+        self.handshaking: dict[ClientProtocol, None] = {}
+        self._limit_warning = Throttle(60.0)
         self.draining = False
         #: Set when clients go through Telegram's middle proxies.
         self.middle: MiddleUpstream | None = None
@@ -47,6 +51,63 @@ class ProxyCore:
         self.tls_profiles: dict[str, TLSProfile] = {}
         #: Set when the mask host turned out to be this proxy itself.
         self.mask_disabled = False
+
+    def admit(self, client: ClientProtocol) -> bool:
+        """
+        Take a new client in, or refuse it (``False``).
+
+        When the connection limit or the handshake cap is full, the oldest
+        connection still in its handshake makes room; a new client is only
+        refused when every slot holds an established connection. Either
+        way a warning says so, at most once a minute, with a count.
+        """
+        settings = self.settings
+        if self.draining:
+            self.stats.rejected["draining"] += 1
+            return False
+        full = None
+        if len(self.clients) >= settings.max_connections:
+            full = "max-connections"
+        elif len(self.handshaking) >= settings.handshake_cap:
+            full = "max-handshakes"
+        if full is not None:
+            oldest = next(iter(self.handshaking), None)
+            if oldest is None:
+                self.stats.rejected["limit"] += 1
+                self._limit_hit(full, "refused")
+                return False
+            self._limit_hit(full, "replaced the oldest handshake for")
+            oldest.evict()
+        self.clients.add(client)
+        self.handshaking[client] = None
+        self.stats.active += 1
+        return True
+
+    def handshake_over(self, client: ClientProtocol) -> None:
+        """
+        ``client`` is past its handshake (or gone): it no longer holds a
+        handshake slot.
+        """
+        self.handshaking.pop(client, None)
+
+    def forget(self, client: ClientProtocol) -> None:
+        """
+        ``client`` is gone.
+        """
+        self.handshaking.pop(client, None)
+        if client in self.clients:
+            self.clients.remove(client)
+            self.stats.active -= 1
+
+    def _limit_hit(self, limit: str, what: str) -> None:
+        count = self._limit_warning.hit(self.reactor.seconds())
+        if count is not None:
+            self.log.warn(
+                "--{limit} is full: {what} {count} new connection(s) in the last minute",
+                limit=limit,
+                what=what,
+                count=count,
+            )
 
     def endpoint(self, address: Address) -> IStreamClientEndpoint:
         """

@@ -145,12 +145,9 @@ class ClientProtocol(Protocol):
 
     def connectionMade(self) -> None:
         core = self.core
-        if core.draining or len(core.clients) >= self.settings.max_connections:
-            core.stats.rejected["limit" if not core.draining else "draining"] += 1
+        if not core.admit(self):
             self.transport.abortConnection()
             return
-        core.clients.add(self)
-        core.stats.active += 1
         _fastwrite.no_delay(self.transport)
         self._handler = self._read_first
         self._timer = core.reactor.callLater(
@@ -166,9 +163,7 @@ class ClientProtocol(Protocol):
         self.closed = True
         self._handler = _discard
         core = self.core
-        if self in core.clients:
-            core.clients.remove(self)
-            core.stats.active -= 1
+        core.forget(self)
         core.stats.bytes_from_clients += self.bytes_in
         core.stats.bytes_to_clients += self.bytes_out
         self._cancel_timer()
@@ -176,15 +171,13 @@ class ClientProtocol(Protocol):
             self._connecting.cancel()
         upstream = self._upstream
         if upstream is not None:
-            upstream.transport.unregisterProducer()
-            upstream.transport.loseConnection()
+            _close_peer(upstream.transport)
         session, self._session = self._session, None
         if session is not None:
             session.close()
         front, self._front = self._front, None
         if front is not None:
-            front.transport.unregisterProducer()
-            front.transport.loseConnection()
+            _close_peer(front.transport)
         self._pending = []
 
     def _cancel_timer(self) -> None:
@@ -204,6 +197,14 @@ class ClientProtocol(Protocol):
         self._buffer = bytearray()
         self._cancel_timer()
         self.transport.loseConnection()
+
+    def evict(self) -> None:
+        """
+        Make room for a newer connection: this one is still in its
+        handshake while the limits are full.
+        """
+        self.core.handshake_over(self)
+        self.reject("evicted")
 
     def _handshake_timed_out(self) -> None:
         self._timer = None
@@ -359,6 +360,7 @@ class ClientProtocol(Protocol):
         if target is None or self.core.mask_disabled:
             self.reject(reason)
             return
+        self.core.handshake_over(self)
         self.core.stats.fronted[reason] += 1
         self.log.debug("fronting {peer}: {reason}", peer=self.transport.getPeer(), reason=reason)
         self._cancel_timer()
@@ -434,14 +436,16 @@ class ClientProtocol(Protocol):
 
     def front_lost(self) -> None:
         front, self._front = self._front, None
+        # The client may still send before its close completes; there is
+        # nowhere left to send it.
+        self._handler = _discard
         if front is not None and not self.closed:
             self.transport.unregisterProducer()
             self.transport.loseConnection()
 
     def _close_front_pair(self) -> None:
         if self._front is not None:
-            self._front.transport.unregisterProducer()
-            self._front.transport.loseConnection()
+            _close_peer(self._front.transport)
         if not self.closed:
             self.transport.unregisterProducer()
             self.transport.loseConnection()
@@ -463,6 +467,7 @@ class ClientProtocol(Protocol):
 
     def _start(self, secret: Secret, accepted: AcceptedInit, rest: bytes) -> None:
         core = self.core
+        core.handshake_over(self)
         self._cancel_timer()
         self.user = secret.name
         self.dc = accepted.dc
@@ -649,9 +654,25 @@ class ClientProtocol(Protocol):
 
     def upstream_lost(self) -> None:
         self._upstream = None
+        self._set_handler(_discard)
         if not self.closed:
             self.transport.unregisterProducer()
             self.transport.loseConnection()
+
+
+def _close_peer(transport: Transport) -> None:
+    """
+    Close the other side of a pair whose client is gone.
+
+    Bytes still queued toward it can never be answered to anyone, and a
+    peer that stopped reading would keep the socket open forever, so a
+    full write buffer is dropped (aborted) rather than flushed.
+    """
+    transport.unregisterProducer()
+    if _fastwrite.buffered(transport):
+        transport.abortConnection()
+    else:
+        transport.loseConnection()
 
 
 class DCProtocol(Protocol):

@@ -30,6 +30,9 @@ class Settings:
     idle_timeout: float = 300.0
     connect_timeout: float = 10.0
     max_connections: int = 10000
+    #: Connections still in their handshake at once; ``None``: a quarter
+    #: of ``max_connections`` (at least 16).
+    max_handshakes: int | None = None
     replay_capacity: int = 65536
     replay_window: float = 600.0
     drain_timeout: float = 5.0
@@ -43,6 +46,15 @@ class Settings:
     tls_time_skew: float = 300.0
     #: Seconds between stats lines in the log; 0 turns them off.
     stats_interval: float = 600.0
+
+    @property
+    def handshake_cap(self) -> int:
+        """
+        How many connections may be in their handshake at once.
+        """
+        if self.max_handshakes is not None:
+            return self.max_handshakes
+        return max(16, self.max_connections // 4)
 
     @property
     def tls_domains(self) -> frozenset[str]:

@@ -64,6 +64,12 @@ class Options(MiddleOptionsMixin, usage.Options):
         ["idle-timeout", None, "300", "Seconds without traffic before a connection is closed."],
         ["connect-timeout", None, "10", "Seconds to connect to Telegram."],
         ["max-connections", None, "10000", "Most client connections at once."],
+        [
+            "max-handshakes",
+            None,
+            None,
+            "Most connections in their handshake at once (default: a quarter of the limit).",
+        ],
         ["replay-capacity", None, "65536", "Handshakes remembered against replays."],
         ["replay-window", None, "600", "Seconds a handshake is remembered."],
         ["drain-timeout", None, "5", "Seconds busy connections get to finish on shutdown."],
@@ -162,6 +168,8 @@ class Options(MiddleOptionsMixin, usage.Options):
                 raise usage.UsageError(f"--mask-host: {e}") from None
         for name in ("max-connections", "replay-capacity"):
             self[name] = count(name, self[name])
+        if self["max-handshakes"] is not None:
+            self["max-handshakes"] = count("max-handshakes", self["max-handshakes"])
         self["fixed-secrets"] = list(self["secrets"])
         if self["secrets-file"] is not None:
             self["secrets-file"] = Path(self["secrets-file"])
@@ -268,6 +276,7 @@ def settings_from_options(options: Options, secrets: tuple[Secret, ...]) -> Sett
         idle_timeout=options["idle-timeout"],
         connect_timeout=options["connect-timeout"],
         max_connections=options["max-connections"],
+        max_handshakes=options["max-handshakes"],
         replay_capacity=options["replay-capacity"],
         drain_timeout=options["drain-timeout"],
         state_dir=options["state-dir"],

@@ -69,10 +69,15 @@ class ProtocolTests(SynchronousTestCase):
             self.assertNotIn(SECRET.key.hex(), text)
             self.assertNotIn(SECRET.hex(), text)
 
+    def established(self, core: ProxyCore) -> Transport:
+        protocol, transport = self.connect(core)
+        protocol.dataReceived(generate_init(TAG_PADDED, 2, secret=SECRET.key).wire)
+        return transport
+
     def test_connection_limit(self) -> None:
         core = self.core(max_connections=2)
-        _, first = self.connect(core)
-        _, second = self.connect(core)
+        first = self.established(core)
+        second = self.established(core)
         _, third = self.connect(core)
         self.assertEqual((first.aborted, second.aborted, third.aborted), (False, False, True))
         self.assertEqual(core.stats.rejected["limit"], 1)
