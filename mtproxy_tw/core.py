@@ -20,7 +20,7 @@ from mtproxy_tw.throttle import Throttle
 from mtproxy_tw.tlsprofile import TLSProfile
 
 if TYPE_CHECKING:
-    from mtproxy_tw.relay import ClientProtocol, MiddleUpstream
+    from mtproxy_tw.proxy.client import ClientProtocol, MiddleUpstream
 
 __all__ = ["ProxyCore"]
 

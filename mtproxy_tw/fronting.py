@@ -10,14 +10,10 @@ plain TCP relay.
 from __future__ import annotations
 
 import ipaddress
-from typing import Any
 
-from twisted.internet.interfaces import IAddress, IHalfCloseableProtocol
-from twisted.internet.protocol import Factory, Protocol, connectionDone
-from twisted.python.failure import Failure
-from zope.interface import implementer
+from twisted.internet.interfaces import IAddress
 
-__all__ = ["FrontProtocol", "proxy_protocol_header"]
+__all__ = ["proxy_protocol_header"]
 
 
 def proxy_protocol_header(source: IAddress, destination: IAddress) -> bytes:
@@ -34,40 +30,3 @@ def proxy_protocol_header(source: IAddress, destination: IAddress) -> bytes:
         return b"PROXY UNKNOWN\r\n"
     line = f"PROXY {family} {src_host} {dst_host} {source.port} {destination.port}\r\n"  # type: ignore[attr-defined]
     return line.encode("ascii")
-
-
-@implementer(IHalfCloseableProtocol)
-class FrontProtocol(Protocol):
-    """
-    The connection to the mask host on behalf of one client.
-    """
-
-    transport: Any
-
-    def __init__(self, client: Any) -> None:
-        self.client = client
-
-    def connectionMade(self) -> None:
-        self.client.front_connected(self)
-
-    def dataReceived(self, data: bytes) -> None:
-        self.client.front_data(data)
-
-    def readConnectionLost(self) -> None:
-        self.client.front_read_closed()
-
-    def writeConnectionLost(self) -> None:
-        pass
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.client.front_lost()
-
-
-class FrontFactory(Factory):
-    noisy = False
-
-    def __init__(self, client: Any) -> None:
-        self.client = client
-
-    def buildProtocol(self, addr: Any) -> FrontProtocol:
-        return FrontProtocol(self.client)

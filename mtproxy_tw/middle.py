@@ -174,7 +174,7 @@ class _Addresses(TypingProtocol):
 
 class MiddleClient(TypingProtocol):
     """
-    What a session uses of its client (:class:`mtproxy_tw.relay.ClientProtocol`).
+    What a session uses of its client (:class:`mtproxy_tw.proxy.client.ClientProtocol`).
     """
 
     @property

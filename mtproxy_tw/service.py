@@ -21,7 +21,7 @@ from twisted.logger import Logger
 
 from mtproxy_tw._fastwrite import tune_malloc
 from mtproxy_tw.core import ProxyCore
-from mtproxy_tw.relay import ClientFactory
+from mtproxy_tw.proxy.client import ClientFactory
 from mtproxy_tw.settings import Settings
 from mtproxy_tw.tlsprofile import ProfileService
 

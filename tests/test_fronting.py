@@ -22,11 +22,13 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
 
-from mtproxy_tw import faketls, fronting, relay
+from mtproxy_tw import faketls
 from mtproxy_tw._fakesite import BAD_REQUEST, FakeSite, SiteConnection
 from mtproxy_tw.dcs import Address, DCTable
 from mtproxy_tw.faketls import NeedMore, TLSError, build_client_hello, check_server_hello
 from mtproxy_tw.obfuscated2 import TAG_INTERMEDIATE, TAG_PADDED, generate_init
+from mtproxy_tw.proxy import client as relay
+from mtproxy_tw.proxy import legs
 from mtproxy_tw.secrets import Mode, Secret, parse_secret
 from mtproxy_tw.service import ProxyService
 from mtproxy_tw.settings import Settings
@@ -236,7 +238,7 @@ def _proxy_calls() -> list[IDelayedCall]:
     """
     Pending delayed calls that belong to a client connection of the proxy.
     """
-    owners = (relay.ClientProtocol, relay.DCProtocol, fronting.FrontProtocol)
+    owners = (relay.ClientProtocol, legs.Leg)
     return [
         call
         for call in reactor.getDelayedCalls()

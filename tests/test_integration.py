@@ -25,7 +25,7 @@ from mtproxy_tw.obfuscated2 import (
     InitiatorStreams,
     generate_init,
 )
-from mtproxy_tw.relay import ClientProtocol
+from mtproxy_tw.proxy.client import ClientProtocol
 from mtproxy_tw.secrets import Mode, Secret, parse_secret
 from mtproxy_tw.service import ProxyService
 from mtproxy_tw.settings import Settings

@@ -20,7 +20,7 @@ from mtproxy_tw.core import ProxyCore
 from mtproxy_tw.dcs import Address, DCTable
 from mtproxy_tw.faketls import build_client_hello
 from mtproxy_tw.obfuscated2 import TAG_PADDED, generate_init
-from mtproxy_tw.relay import ClientProtocol
+from mtproxy_tw.proxy.client import ClientProtocol
 from mtproxy_tw.secrets import parse_secret
 from mtproxy_tw.settings import Settings
 
@@ -142,7 +142,7 @@ class FuzzTests(SynchronousTestCase):
             protocol.makeConnection(transport)
             for chunk in chunks:
                 protocol.dataReceived(chunk)
-                self.assertLessEqual(len(protocol._buffer), 17000 + 64 + len(chunk))
+                self.assertLessEqual(protocol.handshake.buffered, 17000 + 64 + len(chunk))
             reactor.advance(config.handshake_timeout)
             protocol.connectionLost()
             self.assertEqual(core.clients, set())

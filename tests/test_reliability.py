@@ -19,7 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from mtproxy_tw.core import ProxyCore
 from mtproxy_tw.dcs import Address, DCTable
 from mtproxy_tw.obfuscated2 import TAG_PADDED, generate_init
-from mtproxy_tw.relay import ClientProtocol
+from mtproxy_tw.proxy.client import ClientProtocol
 from mtproxy_tw.secrets import parse_secret
 from mtproxy_tw.settings import Settings
 from mtproxy_tw.throttle import Throttle
@@ -263,7 +263,7 @@ class HandshakeFloodTests(_Logged):
         self.assertEqual(core.stats.rejected["limit"], 1)
 
     def test_warning_once_a_minute_with_a_count(self) -> None:
-        core = self.core(max_connections=100, max_handshakes=2)
+        core = self.core(max_connections=100, max_handshakes=2, handshake_timeout=1000)
         for i in range(2):
             self.connect(core, 50000 + i)
         self.assertEqual(self.warnings(), [])

@@ -1,0 +1,3 @@
+"""
+The client side: the handshake machine, the client protocol and its legs.
+"""

@@ -1,0 +1,151 @@
+"""
+The handshake machine alone: bytes and a time in, a decision out, with no
+transport, reactor or clock.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from mtproxy_tw import faketls
+from mtproxy_tw.dcs import Address
+from mtproxy_tw.obfuscated2 import TAG_ABRIDGED, TAG_PADDED, generate_init
+from mtproxy_tw.proxy.handshake import Accept, Front, Handshake, NeedMore, Reject
+from mtproxy_tw.secrets import Mode, parse_secret
+from mtproxy_tw.settings import Settings
+
+DD = parse_secret("alice=dd" + "a7" * 16, "x")
+EE = parse_secret("erin=ee" + "e5" * 16 + b"example.com".hex(), "x")
+SITE = Address("127.0.0.1", 4431)
+
+
+class Replays:
+    def __init__(self) -> None:
+        self.seen: set[bytes] = set()
+
+    def check_and_add(self, key: bytes) -> bool:
+        if key in self.seen:
+            return True
+        self.seen.add(key)
+        return False
+
+
+def machine(*secrets: object, replay: Replays | None = None, **options: object) -> Handshake:
+    policy = Settings(secrets=secrets or (DD,), **options)  # type: ignore[arg-type]
+    return Handshake(policy, replay or Replays(), size=lambda: 3000)
+
+
+class ObfuscatedInitTests(SynchronousTestCase):
+    def test_valid_init_in_pieces(self) -> None:
+        shake = machine()
+        init = generate_init(TAG_PADDED, 2, secret=DD.key)
+        self.assertEqual(shake.feed(init.wire[:30], 0), NeedMore())
+        decision = shake.feed(init.wire[30:] + b"rest", 0)
+        assert isinstance(decision, Accept)
+        self.assertEqual((decision.secret, decision.init.dc, decision.rest), (DD, 2, b"rest"))
+        self.assertIsNone(decision.records)
+        self.assertRaises(RuntimeError, shake.feed, b"x", 0)
+
+    def test_transport_the_secret_does_not_admit(self) -> None:
+        init = generate_init(TAG_ABRIDGED, 2, secret=DD.key)
+        self.assertEqual(machine().feed(init.wire, 0), Reject("bad-init"))
+
+    def test_bad_init_fronted_when_masking(self) -> None:
+        data = os.urandom(64)
+        decision = machine(mask=True, mask_host=SITE).feed(data, 0)
+        self.assertEqual(decision, Front("bad-init", data, SITE))
+
+    def test_replay(self) -> None:
+        replay = Replays()
+        init = generate_init(TAG_PADDED, 2, secret=DD.key)
+        self.assertIsInstance(machine(replay=replay).feed(init.wire, 0), Accept)
+        self.assertEqual(machine(replay=replay).feed(init.wire, 0), Reject("replay"))
+
+    def test_http_sniffed(self) -> None:
+        request = b"GET / HTTP/1.1\r\n"
+        decision = machine(mask=True, mask_host=SITE).feed(request, 0)
+        self.assertEqual(decision, Front("http", request, SITE))
+
+    def test_timeout(self) -> None:
+        shake = machine(mask=True, mask_host=SITE)
+        shake.feed(b"\x00" * 10, 0)
+        self.assertEqual(shake.timed_out(), Front("handshake-timeout", b"\x00" * 10, SITE))
+
+
+class FakeTLSTests(SynchronousTestCase):
+    def test_hello_then_init(self) -> None:
+        now = time.time()
+        shake = machine(EE)
+        hello = faketls.build_client_hello(EE.key, "example.com", int(now))
+        decision = shake.feed(hello, now)
+        assert isinstance(decision, NeedMore)
+        self.assertGreater(len(decision.reply), 3000)
+        init = generate_init(TAG_PADDED, 2, secret=EE.key)
+        decision = shake.feed(faketls.wrap_records(init.wire + b"ping"), now)
+        assert isinstance(decision, Accept)
+        self.assertEqual((decision.secret, decision.rest, decision.reply), (EE, b"ping", b""))
+        self.assertIsNotNone(decision.records)
+
+    def test_hello_and_init_together(self) -> None:
+        now = time.time()
+        hello = faketls.build_client_hello(EE.key, "example.com", int(now))
+        init = generate_init(TAG_PADDED, 2, secret=EE.key)
+        decision = machine(EE).feed(hello + faketls.wrap_records(init.wire), now)
+        assert isinstance(decision, Accept)
+        self.assertTrue(decision.reply)
+
+    def test_failures_are_fronted_to_the_site(self) -> None:
+        now = time.time()
+        cases = {
+            "tls-bad-digest": faketls.build_client_hello(bytes(16), "example.com", int(now)),
+            "tls-unknown-sni": faketls.build_client_hello(EE.key, "other.example", int(now)),
+            "tls-stale": faketls.build_client_hello(EE.key, "example.com", int(now) - 4000),
+        }
+        for reason, hello in cases.items():
+            decision = machine(EE).feed(hello, now)
+            self.assertEqual(decision, Front(reason, hello, Address("example.com", 443)))
+
+    def test_replayed_hello(self) -> None:
+        now = time.time()
+        replay = Replays()
+        hello = faketls.build_client_hello(EE.key, "example.com", int(now))
+        self.assertIsInstance(machine(EE, replay=replay).feed(hello, now), NeedMore)
+        decision = machine(EE, replay=replay, mask_host=SITE).feed(hello, now)
+        self.assertEqual(decision, Front("tls-replay", hello, SITE))
+
+    def test_not_tls_with_only_tls_mode(self) -> None:
+        decision = machine(EE, modes=frozenset({Mode.TLS}), mask_host=SITE).feed(b"\x01\x02", 0)
+        self.assertEqual(decision, Front("not-tls", b"\x01\x02", SITE))
+
+    def test_bad_init_after_hello_is_rejected(self) -> None:
+        now = time.time()
+        shake = machine(EE)
+        shake.feed(faketls.build_client_hello(EE.key, "example.com", int(now)), now)
+        decision = shake.feed(faketls.wrap_records(os.urandom(64)), now)
+        self.assertEqual(decision, Reject("tls-bad-init"))
+
+    def test_timeout_after_hello_is_rejected(self) -> None:
+        now = time.time()
+        shake = machine(EE)
+        shake.feed(faketls.build_client_hello(EE.key, "example.com", int(now)), now)
+        self.assertEqual(shake.timed_out(), Reject("handshake-timeout"))
+
+
+class AnyBytesTests(SynchronousTestCase):
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(st.binary(max_size=800), max_size=6), st.booleans())
+    def test_never_raises_and_stays_bounded(self, chunks: list[bytes], tls: bool) -> None:
+        shake = machine(DD, EE, mask_host=SITE)
+        if tls:
+            chunks = [b"\x16\x03\x01\x02\x00", *chunks]
+        for chunk in chunks:
+            decision = shake.feed(chunk, 0)
+            self.assertLessEqual(shake.buffered, 17000 + 64 + len(chunk))
+            if not isinstance(decision, NeedMore):
+                return
+        self.assertIsInstance(shake.timed_out(), (Front, Reject))
