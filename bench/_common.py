@@ -24,10 +24,10 @@ from typing import Any, TypeVar
 
 from twisted.internet import defer, protocol, task
 
-from mtproxy_tw import faketls
-from mtproxy_tw._fastwrite import tune_malloc
-from mtproxy_tw.obfuscated2 import TAG_INTERMEDIATE, TAG_PADDED, generate_init
-from mtproxy_tw.secrets import Mode, Secret, generate
+from mtproxy_tw._twisted import tune_malloc
+from mtproxy_tw.wire import faketls
+from mtproxy_tw.wire.obfuscated2 import TAG_INTERMEDIATE, TAG_PADDED, generate_init
+from mtproxy_tw.wire.secrets import Mode, Secret, generate
 
 CHUNK = os.urandom(1 << 16)
 TICK = os.sysconf("SC_CLK_TCK")

@@ -43,7 +43,7 @@ from _common import (
 )
 from twisted.internet import defer, protocol
 
-from mtproxy_tw.secrets import Mode
+from mtproxy_tw.wire.secrets import Mode
 
 
 class DC(protocol.Protocol):

@@ -51,11 +51,11 @@ from _common import (
 )
 from twisted.internet import defer
 
-from mtproxy_tw import rpc
 from mtproxy_tw._fakemiddle import FakeConfigServer, FakeMEProtocol, FakeMiddleProxy, config_text
-from mtproxy_tw._fastwrite import tune_malloc
-from mtproxy_tw.secrets import Mode, Secret
-from mtproxy_tw.transports import codec_for_tag
+from mtproxy_tw._twisted import tune_malloc
+from mtproxy_tw.wire import rpc
+from mtproxy_tw.wire.secrets import Mode, Secret
+from mtproxy_tw.wire.transports import codec_for_tag
 
 _u32 = struct.Struct("<I")
 _REQ = _u32.pack(rpc.RPC_PROXY_REQ)

@@ -33,9 +33,9 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
-from mtproxy_tw import rpc
 from mtproxy_tw.telegramconfig import DEFAULT_PROXY_SECRET
 from mtproxy_tw.testing import FakeDC, FakeDCProtocol
+from mtproxy_tw.wire import rpc
 
 __all__ = ["FakeConfigServer", "FakeMEProtocol", "FakeMiddleProxy", "config_text"]
 

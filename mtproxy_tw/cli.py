@@ -11,7 +11,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from mtproxy_tw.secrets import Mode, Secret, SecretError, generate, links, parse_secret
+from mtproxy_tw.wire.secrets import Mode, Secret, SecretError, generate, links, parse_secret
 
 __all__ = ["main"]
 

@@ -42,13 +42,19 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mtproxy_tw import _fastwrite, obfuscated2, rpc
-from mtproxy_tw.core import ProxyCore
-from mtproxy_tw.dcs import Address
-from mtproxy_tw.obfuscated2 import TAG_ABRIDGED, TAG_INTERMEDIATE, TAG_PADDED
-from mtproxy_tw.proxyconfig import FALLBACK_CONFIG_V4, FALLBACK_CONFIG_V6, Endpoint, ProxyConfig
+from mtproxy_tw import _twisted
+from mtproxy_tw.proxy.core import ProxyCore
 from mtproxy_tw.telegramconfig import DEFAULT_PROXY_SECRET, fetch
-from mtproxy_tw.transports import TransportError, codec_for_tag
+from mtproxy_tw.wire import obfuscated2, rpc
+from mtproxy_tw.wire.dcs import Address
+from mtproxy_tw.wire.obfuscated2 import TAG_ABRIDGED, TAG_INTERMEDIATE, TAG_PADDED
+from mtproxy_tw.wire.proxyconfig import (
+    FALLBACK_CONFIG_V4,
+    FALLBACK_CONFIG_V6,
+    Endpoint,
+    ProxyConfig,
+)
+from mtproxy_tw.wire.transports import TransportError, codec_for_tag
 
 __all__ = [
     "DEFAULT_IP_LOOKUP_URL",
@@ -609,7 +615,7 @@ class _DirectLeg(Protocol):
         if self._pending is not None:
             self._pending.append(data)
         else:
-            _fastwrite.write(self.transport, data)
+            _twisted.write(self.transport, data)
 
     def connectionMade(self) -> None:
         self._connecting = None
@@ -618,7 +624,7 @@ class _DirectLeg(Protocol):
             return
         pending, self._pending = self._pending or [], None
         self.transport.registerProducer(self, True)
-        _fastwrite.write(self.transport, b"".join(pending))
+        _twisted.write(self.transport, b"".join(pending))
 
     def dataReceived(self, data: bytes) -> None:
         if not self._closed:
@@ -721,8 +727,8 @@ class MEConnection(Protocol):
         self.pool.connections.add(self)
         self.last_received = reactor.seconds()
         transport: Any = self.transport
-        _fastwrite.no_delay(transport)
-        _fastwrite.set_read_size(transport)
+        _twisted.no_delay(transport)
+        _twisted.set_read_size(transport)
         transport.registerProducer(self, True)
         self._timer = reactor.callLater(
             self.upstream.settings.handshake_timeout, self._handshake_timed_out
@@ -909,7 +915,7 @@ class MEConnection(Protocol):
             self._write(self._encoder.encode(*payloads))
 
     def _write(self, data: bytes) -> None:
-        _fastwrite.write(self.transport, data)
+        _twisted.write(self.transport, data)
 
     # -- sessions
 

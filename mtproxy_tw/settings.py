@@ -7,8 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mtproxy_tw.dcs import Address, DCTable
-from mtproxy_tw.secrets import Mode, Secret
+from mtproxy_tw.wire.dcs import Address, DCTable
+from mtproxy_tw.wire.secrets import Mode, Secret
 
 __all__ = ["Settings"]
 

@@ -16,7 +16,6 @@ from twisted.python import usage
 
 from mtproxy_tw import __version__
 from mtproxy_tw._options import count, number
-from mtproxy_tw.dcs import Address, DCTable, parse_address, parse_dc_override
 from mtproxy_tw.middle_options import (
     MIDDLE_FLAGS,
     MIDDLE_PARAMETERS,
@@ -24,11 +23,12 @@ from mtproxy_tw.middle_options import (
     build_middle,
     middle_settings_from_options,
 )
-from mtproxy_tw.reload import SecretsReloader, read_secrets_file
-from mtproxy_tw.secrets import Mode, Secret, SecretError, links, parse_secret
-from mtproxy_tw.service import ProxyService
+from mtproxy_tw.services.proxy import ProxyService
+from mtproxy_tw.services.reload import SecretsReloader, read_secrets_file
+from mtproxy_tw.services.state import StateDir, StateError, default_state_dir
 from mtproxy_tw.settings import Settings
-from mtproxy_tw.state import StateDir, StateError, default_state_dir
+from mtproxy_tw.wire.dcs import Address, DCTable, parse_address, parse_dc_override
+from mtproxy_tw.wire.secrets import Mode, Secret, SecretError, links, parse_secret
 
 __all__ = ["Options", "makeService"]
 

@@ -31,7 +31,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mtproxy_tw.proxyconfig import (
+from mtproxy_tw.wire.proxyconfig import (
     FALLBACK_CONFIG_V4,
     FALLBACK_CONFIG_V6,
     ConfigError,
@@ -39,7 +39,7 @@ from mtproxy_tw.proxyconfig import (
     parse_proxy_config,
     validate_proxy_secret,
 )
-from mtproxy_tw.rpc import MAX_CLOCK_SKEW
+from mtproxy_tw.wire.rpc import MAX_CLOCK_SKEW
 
 __all__ = [
     "CONFIG_FILE",

@@ -47,8 +47,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mtproxy_tw import _fastwrite
-from mtproxy_tw.obfuscated2 import (
+from mtproxy_tw import _twisted
+from mtproxy_tw.wire.obfuscated2 import (
     INIT_LENGTH,
     TAG_ABRIDGED,
     TAG_INTERMEDIATE,
@@ -57,8 +57,8 @@ from mtproxy_tw.obfuscated2 import (
     accept_init,
     generate_init,
 )
-from mtproxy_tw.secrets import Mode, Secret
-from mtproxy_tw.transports import (
+from mtproxy_tw.wire.secrets import Mode, Secret
+from mtproxy_tw.wire.transports import (
     AbridgedCodec,
     Codec,
     IntermediateCodec,
@@ -155,7 +155,7 @@ def buffered_bytes(transport: object) -> int:
     """
     Bytes a Twisted TCP transport holds in its own write buffer.
     """
-    return _fastwrite.buffered(transport)
+    return _twisted.buffered(transport)
 
 
 def _tl_bytes(data: bytes) -> bytes:

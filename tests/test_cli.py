@@ -10,7 +10,7 @@ import io
 from twisted.trial.unittest import SynchronousTestCase
 
 from mtproxy_tw.cli import main
-from mtproxy_tw.secrets import Mode, parse_secret
+from mtproxy_tw.wire.secrets import Mode, parse_secret
 
 
 def run(*argv: str) -> tuple[int, str, str]:

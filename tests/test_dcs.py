@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from mtproxy_tw.dcs import Address, DCTable, parse_address, parse_dc_override
+from mtproxy_tw.wire.dcs import Address, DCTable, parse_address, parse_dc_override
 
 
 class DCTableTests(SynchronousTestCase):

@@ -1,4 +1,4 @@
-"""Tests for mtproxy_tw.faketls."""
+"""Tests for mtproxy_tw.wire.faketls."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from mtproxy_tw.faketls import (
+from mtproxy_tw.wire.faketls import (
     BOOT_TIME_MAX,
     ClientHello,
     HelloRecord,

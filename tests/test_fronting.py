@@ -22,15 +22,11 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
 
-from mtproxy_tw import faketls
 from mtproxy_tw._fakesite import BAD_REQUEST, FakeSite, SiteConnection
-from mtproxy_tw.dcs import Address, DCTable
-from mtproxy_tw.faketls import NeedMore, TLSError, build_client_hello, check_server_hello
-from mtproxy_tw.obfuscated2 import TAG_INTERMEDIATE, TAG_PADDED, generate_init
+from mtproxy_tw.fronting.profile import Observation, TLSProfile, parse_server_answer
 from mtproxy_tw.proxy import client as relay
 from mtproxy_tw.proxy import legs
-from mtproxy_tw.secrets import Mode, Secret, parse_secret
-from mtproxy_tw.service import ProxyService
+from mtproxy_tw.services.proxy import ProxyService
 from mtproxy_tw.settings import Settings
 from mtproxy_tw.testing import (
     FakeDC,
@@ -40,7 +36,11 @@ from mtproxy_tw.testing import (
     connect_raw,
     make_codec,
 )
-from mtproxy_tw.tlsprofile import Observation, TLSProfile, parse_server_answer
+from mtproxy_tw.wire import faketls
+from mtproxy_tw.wire.dcs import Address, DCTable
+from mtproxy_tw.wire.faketls import NeedMore, TLSError, build_client_hello, check_server_hello
+from mtproxy_tw.wire.obfuscated2 import TAG_INTERMEDIATE, TAG_PADDED, generate_init
+from mtproxy_tw.wire.secrets import Mode, Secret, parse_secret
 from tests.test_integration import (
     CLASSIC,
     DC_IDS,

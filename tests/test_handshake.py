@@ -12,12 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from mtproxy_tw import faketls
-from mtproxy_tw.dcs import Address
-from mtproxy_tw.obfuscated2 import TAG_ABRIDGED, TAG_PADDED, generate_init
 from mtproxy_tw.proxy.handshake import Accept, Front, Handshake, NeedMore, Reject
-from mtproxy_tw.secrets import Mode, parse_secret
 from mtproxy_tw.settings import Settings
+from mtproxy_tw.wire import faketls
+from mtproxy_tw.wire.dcs import Address
+from mtproxy_tw.wire.obfuscated2 import TAG_ABRIDGED, TAG_PADDED, generate_init
+from mtproxy_tw.wire.secrets import Mode, parse_secret
 
 DD = parse_secret("alice=dd" + "a7" * 16, "x")
 EE = parse_secret("erin=ee" + "e5" * 16 + b"example.com".hex(), "x")

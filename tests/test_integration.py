@@ -17,17 +17,8 @@ from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.trial.unittest import TestCase
 
-from mtproxy_tw.dcs import Address, DCTable
-from mtproxy_tw.obfuscated2 import (
-    TAG_ABRIDGED,
-    TAG_INTERMEDIATE,
-    TAG_PADDED,
-    InitiatorStreams,
-    generate_init,
-)
 from mtproxy_tw.proxy.client import ClientProtocol
-from mtproxy_tw.secrets import Mode, Secret, parse_secret
-from mtproxy_tw.service import ProxyService
+from mtproxy_tw.services.proxy import ProxyService
 from mtproxy_tw.settings import Settings
 from mtproxy_tw.testing import (
     DOWNLOAD_CHUNK,
@@ -40,7 +31,16 @@ from mtproxy_tw.testing import (
     download_chunk,
     download_request,
 )
-from mtproxy_tw.transports import IntermediateCodec
+from mtproxy_tw.wire.dcs import Address, DCTable
+from mtproxy_tw.wire.obfuscated2 import (
+    TAG_ABRIDGED,
+    TAG_INTERMEDIATE,
+    TAG_PADDED,
+    InitiatorStreams,
+    generate_init,
+)
+from mtproxy_tw.wire.secrets import Mode, Secret, parse_secret
+from mtproxy_tw.wire.transports import IntermediateCodec
 
 reactor: Any = _reactor
 T = TypeVar("T")

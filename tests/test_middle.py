@@ -28,10 +28,7 @@ from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from mtproxy_tw import rpc
 from mtproxy_tw._fakemiddle import FakeConfigServer, FakeMiddleProxy, config_text
-from mtproxy_tw.core import ProxyCore
-from mtproxy_tw.dcs import Address, DCTable
 from mtproxy_tw.middle import (
     ExternalAddress,
     MEConnection,
@@ -47,10 +44,8 @@ from mtproxy_tw.middle_options import (
     middle_settings_from_options,
     parse_size,
 )
-from mtproxy_tw.obfuscated2 import TAG_ABRIDGED, TAG_INTERMEDIATE, TAG_PADDED
-from mtproxy_tw.proxyconfig import parse_proxy_config
-from mtproxy_tw.secrets import Secret, parse_secret
-from mtproxy_tw.service import ProxyService
+from mtproxy_tw.proxy.core import ProxyCore
+from mtproxy_tw.services.proxy import ProxyService
 from mtproxy_tw.settings import Settings
 from mtproxy_tw.telegramconfig import CONFIG_FILE, CONFIG_V6_FILE, SECRET_FILE, TelegramConfig
 from mtproxy_tw.testing import (
@@ -61,7 +56,12 @@ from mtproxy_tw.testing import (
     download_chunk,
     download_request,
 )
-from mtproxy_tw.transports import codec_for_tag
+from mtproxy_tw.wire import rpc
+from mtproxy_tw.wire.dcs import Address, DCTable
+from mtproxy_tw.wire.obfuscated2 import TAG_ABRIDGED, TAG_INTERMEDIATE, TAG_PADDED
+from mtproxy_tw.wire.proxyconfig import parse_proxy_config
+from mtproxy_tw.wire.secrets import Secret, parse_secret
+from mtproxy_tw.wire.transports import codec_for_tag
 
 reactor: Any = _reactor
 T = TypeVar("T")

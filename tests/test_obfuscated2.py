@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from mtproxy_tw import obfuscated2
-from mtproxy_tw.obfuscated2 import (
+from mtproxy_tw.wire import obfuscated2
+from mtproxy_tw.wire.obfuscated2 import (
     TAG_ABRIDGED,
     TAG_INTERMEDIATE,
     TAG_PADDED,

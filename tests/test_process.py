@@ -18,8 +18,8 @@ from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
-from mtproxy_tw.secrets import parse_secret
 from mtproxy_tw.testing import FakeDC, connect_client
+from mtproxy_tw.wire.secrets import parse_secret
 
 reactor: Any = _reactor
 SECRET = parse_secret("alice=dd" + "5a" * 16, "x")

@@ -16,13 +16,13 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from mtproxy_tw.core import ProxyCore
-from mtproxy_tw.dcs import Address, DCTable
-from mtproxy_tw.faketls import build_client_hello
-from mtproxy_tw.obfuscated2 import TAG_PADDED, generate_init
 from mtproxy_tw.proxy.client import ClientProtocol
-from mtproxy_tw.secrets import parse_secret
+from mtproxy_tw.proxy.core import ProxyCore
 from mtproxy_tw.settings import Settings
+from mtproxy_tw.wire.dcs import Address, DCTable
+from mtproxy_tw.wire.faketls import build_client_hello
+from mtproxy_tw.wire.obfuscated2 import TAG_PADDED, generate_init
+from mtproxy_tw.wire.secrets import parse_secret
 
 SECRET = parse_secret("alice=dd" + "a7" * 16, "x")
 DC = Address("127.0.0.1", 4430)

@@ -1,5 +1,5 @@
 """
-Tests for mtproxy_tw.proxyconfig: getProxyConfig parsing, lookup, fallbacks, secrets.
+Tests for mtproxy_tw.wire.proxyconfig: getProxyConfig parsing, lookup, fallbacks, secrets.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from mtproxy_tw.proxyconfig import (
+from mtproxy_tw.wire.proxyconfig import (
     FALLBACK_CONFIG_V4,
     FALLBACK_CONFIG_V6,
     ConfigError,

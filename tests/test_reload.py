@@ -12,8 +12,8 @@ from typing import Any
 from twisted.internet import reactor as _reactor
 from twisted.trial.unittest import SynchronousTestCase
 
-from mtproxy_tw.reload import SecretsReloader
-from mtproxy_tw.secrets import Secret, SecretError, parse_secret, parse_secrets_text
+from mtproxy_tw.services.reload import SecretsReloader
+from mtproxy_tw.wire.secrets import Secret, SecretError, parse_secret, parse_secrets_text
 from tests.test_integration import CLASSIC, SECURE, ProxyHarness, _payload
 
 reactor: Any = _reactor

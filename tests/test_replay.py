@@ -3,7 +3,7 @@ from __future__ import annotations
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from mtproxy_tw.replay import ReplayCache
+from mtproxy_tw.wire.replay import ReplayCache
 
 
 class ReplayCacheTests(SynchronousTestCase):

@@ -1,5 +1,5 @@
 """
-Tests for mtproxy_tw.rpc: known answers from PROTOCOL.md 11.4-11.6, validation,
+Tests for mtproxy_tw.wire.rpc: known answers from PROTOCOL.md 11.4-11.6, validation,
 framing properties and a complete proxy/middle-proxy exchange in memory.
 """
 
@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from mtproxy_tw import rpc
-from mtproxy_tw.rpc import (
+from mtproxy_tw.wire import rpc
+from mtproxy_tw.wire.rpc import (
     CloseConn,
     CloseExt,
     FrameDecoder,

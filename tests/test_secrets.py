@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from mtproxy_tw.secrets import Mode, SecretError, generate, links, parse_secret
+from mtproxy_tw.wire.secrets import Mode, SecretError, generate, links, parse_secret
 
 S = "0123456789abcdeffedcba9876543210"
 EE_HEX = "ee0123456789abcdeffedcba98765432106578616d706c652e636f6d"

@@ -14,9 +14,9 @@ from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
 from mtproxy_tw import tap
-from mtproxy_tw.dcs import Address
-from mtproxy_tw.secrets import Mode
-from mtproxy_tw.service import ListenError, ProxyService
+from mtproxy_tw.services.proxy import ListenError, ProxyService
+from mtproxy_tw.wire.dcs import Address
+from mtproxy_tw.wire.secrets import Mode
 
 S = "0123456789abcdeffedcba9876543210"
 

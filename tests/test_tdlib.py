@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from twisted.internet.defer import Deferred
 
-from mtproxy_tw.obfuscated2 import TAG_INTERMEDIATE, TAG_PADDED
-from mtproxy_tw.secrets import Secret
 from mtproxy_tw.testing import REQ_DH_PARAMS, REQ_PQ_MULTI, tdlib_test_proxy
+from mtproxy_tw.wire.obfuscated2 import TAG_INTERMEDIATE, TAG_PADDED
+from mtproxy_tw.wire.secrets import Secret
 from tests.test_integration import CLASSIC, LOCAL, SECURE, WRONG, ProxyHarness
 
 try:

@@ -9,10 +9,10 @@ from __future__ import annotations
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory
 
-from mtproxy_tw import rpc
-from mtproxy_tw.dcs import Address
-from mtproxy_tw.secrets import Secret, parse_secret
 from mtproxy_tw.testing import REQ_DH_PARAMS, REQ_PQ_MULTI, tdlib_test_proxy
+from mtproxy_tw.wire import rpc
+from mtproxy_tw.wire.dcs import Address
+from mtproxy_tw.wire.secrets import Secret, parse_secret
 from tests.test_middle import AD_TAG, CLASSIC, LOCAL, SECURE, LoopbackHarness, reactor
 
 try:

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from twisted.internet.defer import Deferred
 
-from mtproxy_tw.faketls import parse_client_hello
-from mtproxy_tw.obfuscated2 import TAG_PADDED
-from mtproxy_tw.secrets import parse_secret
 from mtproxy_tw.testing import REQ_DH_PARAMS, REQ_PQ_MULTI, tdlib_test_proxy
+from mtproxy_tw.wire.faketls import parse_client_hello
+from mtproxy_tw.wire.obfuscated2 import TAG_PADDED
+from mtproxy_tw.wire.secrets import parse_secret
 from tests.test_fronting import DOMAIN, EE, FrontingHarness
 from tests.test_integration import LOCAL, WRONG
 from tests.test_tdlib import REACHED_DC, SKIP

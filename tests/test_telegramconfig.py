@@ -25,7 +25,6 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from mtproxy_tw._fakemiddle import FakeConfigServer, config_text
-from mtproxy_tw.proxyconfig import FALLBACK_CONFIG_V4, FALLBACK_CONFIG_V6, parse_proxy_config
 from mtproxy_tw.telegramconfig import (
     CONFIG_FILE,
     CONFIG_V6_FILE,
@@ -35,6 +34,7 @@ from mtproxy_tw.telegramconfig import (
     TelegramConfig,
     fetch,
 )
+from mtproxy_tw.wire.proxyconfig import FALLBACK_CONFIG_V4, FALLBACK_CONFIG_V6, parse_proxy_config
 
 reactor: Any = _reactor
 T = TypeVar("T")

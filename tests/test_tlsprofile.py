@@ -20,14 +20,14 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mtproxy_tw._fakesite import FakeSite
-from mtproxy_tw.faketls import NeedMore, TLSError, build_server_hello
-from mtproxy_tw.tlsprofile import (
+from mtproxy_tw.fronting.prober import ProfileProber
+from mtproxy_tw.fronting.profile import (
     Observation,
-    ProfileProber,
     TLSProfile,
     fallback_size,
     parse_server_answer,
 )
+from mtproxy_tw.wire.faketls import NeedMore, TLSError, build_server_hello
 from tests.test_integration import LOCAL, reactor
 
 DOMAIN = "example.com"

@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from mtproxy_tw.obfuscated2 import TAG_ABRIDGED, TAG_INTERMEDIATE, TAG_PADDED
-from mtproxy_tw.transports import (
+from mtproxy_tw.wire.obfuscated2 import TAG_ABRIDGED, TAG_INTERMEDIATE, TAG_PADDED
+from mtproxy_tw.wire.transports import (
     AbridgedCodec,
     Codec,
     IntermediateCodec,

@@ -34,10 +34,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mtproxy_tw import _fastwrite, faketls, fronting, obfuscated2
-from mtproxy_tw.core import ProxyCore
+from mtproxy_tw import _twisted
+from mtproxy_tw.proxy.core import ProxyCore
 from mtproxy_tw.proxy.handshake import Accept, Decision, Front, Handshake, NeedMore
 from mtproxy_tw.proxy.legs import HalfCloseableLeg, Leg, close_peer
+from mtproxy_tw.wire import faketls, obfuscated2, proxyprotocol
 
 __all__ = ["ClientFactory", "ClientProtocol", "MiddleSession", "MiddleUpstream", "State"]
 
@@ -178,7 +179,7 @@ class ClientProtocol(Protocol):
         if not core.admit(self):
             self._abort()
             return
-        _fastwrite.no_delay(self.transport)
+        _twisted.no_delay(self.transport)
         self._handler = self._read_handshake
         self._timer = core.reactor.callLater(
             self.settings.handshake_timeout, self._handshake_timed_out
@@ -357,7 +358,9 @@ class ClientProtocol(Protocol):
         self._pending = []
         if self.settings.mask_proxy_protocol:
             self._pending.append(
-                fronting.proxy_protocol_header(self.transport.getPeer(), self.transport.getHost())
+                proxyprotocol.proxy_protocol_header(
+                    self.transport.getPeer(), self.transport.getHost()
+                )
             )
         if front.buffered:
             self._pending.append(front.buffered)
@@ -391,7 +394,7 @@ class ClientProtocol(Protocol):
     def _relay_to_front(self, data: bytes) -> None:
         assert self._front is not None
         self.bytes_in += len(data)
-        _fastwrite.write(self._front.transport, data)
+        _twisted.write(self._front.transport, data)
 
     # -- what a leg calls
 
@@ -412,9 +415,9 @@ class ClientProtocol(Protocol):
             self._front = leg
         else:
             self._upstream = leg
-            _fastwrite.no_delay(transport)
-            _fastwrite.set_read_size(transport)
-            _fastwrite.set_read_size(self.transport)
+            _twisted.no_delay(transport)
+            _twisted.set_read_size(transport)
+            _twisted.set_read_size(self.transport)
         transport.write(b"".join(self._pending))
         self._pending = []
         transport.registerProducer(self.transport, True)
@@ -433,7 +436,7 @@ class ClientProtocol(Protocol):
     def leg_data(self, data: bytes) -> None:
         if self.state is State.FRONTING:
             self.bytes_out += len(data)
-            _fastwrite.write(self.transport, data)
+            _twisted.write(self.transport, data)
             return
         self.bytes_out += len(data)
         if self._from_dc is not None:
@@ -441,7 +444,7 @@ class ClientProtocol(Protocol):
             data = self._to_client.update(self._from_dc.update(data))
         if self._records is not None:
             data = faketls.wrap_records(data)
-        _fastwrite.write(self.transport, data)
+        _twisted.write(self.transport, data)
 
     def leg_read_closed(self) -> None:
         self._front_eof = True
@@ -491,7 +494,7 @@ class ClientProtocol(Protocol):
         assert self._upstream is not None
         assert self._from_client is not None and self._to_dc is not None
         self.bytes_in += len(data)
-        _fastwrite.write(
+        _twisted.write(
             self._upstream.transport, self._to_dc.update(self._from_client.update(data))
         )
 
@@ -513,13 +516,13 @@ class ClientProtocol(Protocol):
         data = self._to_client.update(framed)
         if self._records is not None:
             data = faketls.wrap_records(data)
-        _fastwrite.write(self.transport, data)
+        _twisted.write(self.transport, data)
 
     def buffered(self) -> int:
         """
         Bytes waiting in this client's write buffer.
         """
-        return _fastwrite.buffered(self.transport)
+        return _twisted.buffered(self.transport)
 
     def pause_reading(self) -> None:
         if not self.closed:

@@ -24,11 +24,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-from mtproxy_tw import faketls, obfuscated2
-from mtproxy_tw.dcs import Address
-from mtproxy_tw.obfuscated2 import TAG_ABRIDGED, TAG_INTERMEDIATE, TAG_PADDED, AcceptedInit
-from mtproxy_tw.secrets import Mode, Secret
-from mtproxy_tw.tlsprofile import TLSProfile, fallback_size
+from mtproxy_tw.fronting.profile import TLSProfile, fallback_size
+from mtproxy_tw.wire import faketls, obfuscated2
+from mtproxy_tw.wire.dcs import Address
+from mtproxy_tw.wire.obfuscated2 import TAG_ABRIDGED, TAG_INTERMEDIATE, TAG_PADDED, AcceptedInit
+from mtproxy_tw.wire.secrets import Mode, Secret
 
 __all__ = [
     "Accept",
@@ -53,7 +53,7 @@ _HTTP_VERBS = frozenset({b"GET ", b"POST", b"HEAD", b"OPTI", b"PUT ", b"DELE", b
 
 class ReplayStore(Protocol):
     """
-    Remembers handshakes; see :class:`mtproxy_tw.replay.ReplayCache`.
+    Remembers handshakes; see :class:`mtproxy_tw.wire.replay.ReplayCache`.
     """
 
     def check_and_add(self, key: bytes) -> bool: ...

@@ -19,7 +19,7 @@ from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mtproxy_tw import _fastwrite
+from mtproxy_tw import _twisted
 
 __all__ = ["HalfCloseableLeg", "Leg", "LegOwner", "close_peer"]
 
@@ -80,7 +80,7 @@ def close_peer(transport: Any) -> None:
     buffer is dropped (aborted) rather than flushed.
     """
     transport.unregisterProducer()
-    if _fastwrite.buffered(transport):
+    if _twisted.buffered(transport):
         transport.abortConnection()
     else:
         transport.loseConnection()

@@ -9,7 +9,7 @@ import socket
 from twisted.internet import tcp
 from twisted.trial.unittest import SynchronousTestCase
 
-from mtproxy_tw import _fastwrite
+from mtproxy_tw import _twisted
 
 
 class FakeSocket:
@@ -40,12 +40,12 @@ class FakeTransport:
 class WriteTests(SynchronousTestCase):
     def test_sends_at_once(self) -> None:
         transport = FakeTransport(FakeSocket(100))
-        _fastwrite.write(transport, b"x" * 10)
+        _twisted.write(transport, b"x" * 10)
         self.assertEqual((transport.socket.sent, transport.written), ([b"x" * 10], []))
 
     def test_rest_is_queued(self) -> None:
         transport = FakeTransport(FakeSocket(3))
-        _fastwrite.write(transport, b"abcdef")
+        _twisted.write(transport, b"abcdef")
         self.assertEqual((transport.socket.sent, transport.written), ([b"abc"], [b"def"]))
 
     def test_queue_not_empty(self) -> None:
@@ -53,13 +53,13 @@ class WriteTests(SynchronousTestCase):
         Bytes already queued go first: the new ones are queued behind them.
         """
         transport = FakeTransport(FakeSocket(100), queued=b"old")
-        _fastwrite.write(transport, b"new")
+        _twisted.write(transport, b"new")
         self.assertEqual((transport.socket.sent, transport.written), ([], [b"new"]))
 
     def test_would_block_and_errors(self) -> None:
         for error in (BlockingIOError(), ConnectionResetError()):
             transport = FakeTransport(FakeSocket(error))
-            _fastwrite.write(transport, b"data")
+            _twisted.write(transport, b"data")
             self.assertEqual(transport.written, [b"data"])
 
     def test_other_transport(self) -> None:
@@ -69,7 +69,7 @@ class WriteTests(SynchronousTestCase):
             def write(self, data: bytes) -> None:
                 written.append(data)
 
-        _fastwrite.write(Plain(), b"data")
+        _twisted.write(Plain(), b"data")
         self.assertEqual(written, [b"data"])
 
     def test_twisted_attributes(self) -> None:
@@ -96,12 +96,12 @@ class NoDelayTests(SynchronousTestCase):
             def setTcpNoDelay(self, enabled: bool) -> None:
                 raise OSError("not a TCP socket")
 
-        _fastwrite.no_delay(TCP())
-        _fastwrite.no_delay(Failing())
-        _fastwrite.no_delay(object())
+        _twisted.no_delay(TCP())
+        _twisted.no_delay(Failing())
+        _twisted.no_delay(object())
         self.assertEqual(calls, [True])
 
 
 class MallocTests(SynchronousTestCase):
     def test_tune(self) -> None:
-        self.assertIsInstance(_fastwrite.tune_malloc(), bool)
+        self.assertIsInstance(_twisted.tune_malloc(), bool)

@@ -15,7 +15,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from mtproxy_tw.obfuscated2 import TAG_ABRIDGED, TAG_INTERMEDIATE, TAG_PADDED
+from mtproxy_tw.wire.obfuscated2 import TAG_ABRIDGED, TAG_INTERMEDIATE, TAG_PADDED
 
 __all__ = [
     "MAX_PACKET",

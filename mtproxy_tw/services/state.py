@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from mtproxy_tw.secrets import Mode, Secret, SecretError, generate, parse_secret
+from mtproxy_tw.wire.secrets import Mode, Secret, SecretError, generate, parse_secret
 
 __all__ = ["StateDir", "StateError", "default_state_dir"]
 

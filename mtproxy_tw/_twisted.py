@@ -10,7 +10,7 @@ flow control and error handling for everything that does not fit.
 It reads private attributes of ``twisted.internet.abstract.FileDescriptor``
 (``dataBuffer``, ``_tempDataLen``, ``socket``); a transport without them
 falls back to plain ``write()``. ``setup.cfg`` bounds the Twisted version and
-``tests/test_fastwrite.py`` checks the assumption on the installed one.
+``tests/test_twisted_seam.py`` checks the assumption on the installed one.
 """
 
 from __future__ import annotations

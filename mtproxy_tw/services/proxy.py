@@ -19,11 +19,11 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from mtproxy_tw._fastwrite import tune_malloc
-from mtproxy_tw.core import ProxyCore
+from mtproxy_tw._twisted import tune_malloc
+from mtproxy_tw.fronting.prober import ProfileService
 from mtproxy_tw.proxy.client import ClientFactory
+from mtproxy_tw.proxy.core import ProxyCore
 from mtproxy_tw.settings import Settings
-from mtproxy_tw.tlsprofile import ProfileService
 
 __all__ = ["ListenError", "ProxyService", "raise_open_file_limit"]
 

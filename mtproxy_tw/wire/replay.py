@@ -5,10 +5,17 @@ A bounded cache of handshakes already seen (PROTOCOL.md section 6).
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Protocol
 
-from twisted.internet.interfaces import IReactorTime
+__all__ = ["Clock", "ReplayCache"]
 
-__all__ = ["ReplayCache"]
+
+class Clock(Protocol):
+    """
+    Anything that tells the time, like a reactor.
+    """
+
+    def seconds(self) -> float: ...
 
 
 class ReplayCache:
@@ -19,7 +26,7 @@ class ReplayCache:
     real entries. When full, the oldest entry goes first.
     """
 
-    def __init__(self, clock: IReactorTime, capacity: int = 65536, window: float = 600.0):
+    def __init__(self, clock: Clock, capacity: int = 65536, window: float = 600.0):
         if capacity < 1:
             raise ValueError("capacity must be positive")
         self._clock = clock

@@ -1,17 +1,15 @@
 """
-Domain fronting: handing a connection that failed its handshake to a real
-web site, so a probe sees that site (PROTOCOL.md section 5).
-
-Every byte already read is sent first, then both directions are relayed
-with flow control until either side closes; half-closes pass through like a
-plain TCP relay.
+The PROXY protocol v1 line sent ahead of a fronted connection, so the mask
+host sees the client's address (PROTOCOL.md section 5).
 """
 
 from __future__ import annotations
 
 import ipaddress
+from typing import Any
 
-from twisted.internet.interfaces import IAddress
+#: An address object such as Twisted's ``IPv4Address`` (``host``, ``port``).
+IAddress = Any
 
 __all__ = ["proxy_protocol_header"]
 

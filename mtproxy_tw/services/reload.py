@@ -14,8 +14,8 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.logger import Logger
 
-from mtproxy_tw.secrets import Secret, SecretError, parse_secrets_text
-from mtproxy_tw.service import ProxyService
+from mtproxy_tw.services.proxy import ProxyService
+from mtproxy_tw.wire.secrets import Secret, SecretError, parse_secrets_text
 
 __all__ = ["SecretsReloader", "read_secrets_file"]
 

@@ -12,12 +12,12 @@ from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP
 from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
 from twisted.logger import Logger
 
-from mtproxy_tw.dcs import Address
-from mtproxy_tw.replay import ReplayCache
+from mtproxy_tw.fronting.profile import TLSProfile
+from mtproxy_tw.proxy.stats import Stats
 from mtproxy_tw.settings import Settings
-from mtproxy_tw.stats import Stats
-from mtproxy_tw.throttle import Throttle
-from mtproxy_tw.tlsprofile import TLSProfile
+from mtproxy_tw.wire.dcs import Address
+from mtproxy_tw.wire.replay import ReplayCache
+from mtproxy_tw.wire.throttle import Throttle
 
 if TYPE_CHECKING:
     from mtproxy_tw.proxy.client import ClientProtocol, MiddleUpstream

@@ -1,0 +1,3 @@
+"""
+Domain fronting: the fronted sites' measured TLS answers.
+"""

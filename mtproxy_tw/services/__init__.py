@@ -1,0 +1,3 @@
+"""
+Services: what owns lifecycle and state (listeners, reload, the state directory).
+"""

@@ -1,0 +1,5 @@
+"""
+The wire formats: sans-IO codecs fed bytes and returning bytes or events.
+
+Nothing in this package imports Twisted.
+"""
