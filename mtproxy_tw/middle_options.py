@@ -28,8 +28,8 @@ from twisted.python import usage
 
 from mtproxy_tw._options import count, number
 from mtproxy_tw.middle import DEFAULT_IP_LOOKUP_URL, ExternalAddress, MiddleProxy, MiddleSettings
-from mtproxy_tw.proxy.client import MiddleUpstream
 from mtproxy_tw.proxy.core import ProxyCore
+from mtproxy_tw.proxy.interfaces import MiddleUpstream
 from mtproxy_tw.telegramconfig import (
     PROXY_CONFIG_URL,
     PROXY_CONFIG_V6_URL,

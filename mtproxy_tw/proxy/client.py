@@ -7,7 +7,7 @@ has one handler for incoming bytes, set only by :meth:`ClientProtocol._to`::
 
     HANDSHAKING ─accept (direct)─▶ CONNECTING ─leg up─▶ RELAYING ─┐
         │  └──accept (middle)──────────────────────────▶ RELAYING ─┤
-        ├─front─▶ FRONT_CONNECTING ─leg up─▶ FRONTING ─────────────┤
+        ├─front─▶ FRONTING (:mod:`mtproxy_tw.fronting.relay`) ─────┤
         └─reject──────────────────────────────────────────────────▶ DRAINING ─▶ CLOSED
 
 Any state may go to CLOSED when the client's connection is lost.
@@ -15,19 +15,15 @@ Any state may go to CLOSED when the client's connection is lost.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable
 from typing import Any
-from typing import Protocol as TypingProtocol
 
 from cryptography.hazmat.primitives.ciphers import CipherContext
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import connectProtocol
 from twisted.internet.interfaces import (
-    IAddress,
     IDelayedCall,
     IHalfCloseableProtocol,
-    IPushProducer,
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
@@ -35,79 +31,15 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mtproxy_tw import _twisted
+from mtproxy_tw.fronting.relay import FrontRelay
 from mtproxy_tw.proxy.core import ProxyCore
 from mtproxy_tw.proxy.handshake import Accept, Decision, Front, Handshake, NeedMore
-from mtproxy_tw.proxy.legs import HalfCloseableLeg, Leg, close_peer
+from mtproxy_tw.proxy.interfaces import MiddleSession, MiddleUpstream, Transport
+from mtproxy_tw.proxy.legs import Leg, close_peer
+from mtproxy_tw.proxy.states import NEXT, State
 from mtproxy_tw.wire import faketls, obfuscated2, proxyprotocol
 
 __all__ = ["ClientFactory", "ClientProtocol", "MiddleSession", "MiddleUpstream", "State"]
-
-
-class Transport(TypingProtocol):
-    """
-    What the relay uses of a TCP transport: writing, closing, and both
-    sides of streaming flow control.
-    """
-
-    def write(self, data: bytes) -> None: ...
-    def loseConnection(self) -> None: ...
-    def loseWriteConnection(self) -> None: ...
-    def abortConnection(self) -> None: ...
-    def getPeer(self) -> IAddress: ...
-    def getHost(self) -> IAddress: ...
-    def registerProducer(self, producer: IPushProducer, streaming: bool) -> None: ...
-    def unregisterProducer(self) -> None: ...
-    def pauseProducing(self) -> None: ...
-    def resumeProducing(self) -> None: ...
-
-
-class MiddleSession(TypingProtocol):
-    """
-    One client's place on a shared middle-proxy connection: the middle leg.
-
-    It is fed the client's decrypted transport stream (frames still in the
-    client's own framing) and told when the client goes away; it calls the
-    client's :meth:`~ClientProtocol.deliver`, ``buffered``,
-    ``pause_reading``, ``resume_reading`` and ``session_closed``.
-    """
-
-    def feed(self, data: bytes) -> None: ...
-    def close(self) -> None: ...
-
-
-class MiddleUpstream(TypingProtocol):
-    """
-    Opens middle-proxy sessions; see :mod:`mtproxy_tw.middle`.
-    """
-
-    def attach(self, client: ClientProtocol, dc: int, tag: bytes) -> MiddleSession: ...
-
-
-class State(enum.Enum):
-    HANDSHAKING = "handshaking"
-    CONNECTING = "connecting to the DC"
-    RELAYING = "relaying"
-    FRONT_CONNECTING = "connecting to the mask host"
-    FRONTING = "fronting"
-    DRAINING = "draining"
-    CLOSED = "closed"
-
-
-_NEXT = {
-    State.HANDSHAKING: {
-        State.CONNECTING,
-        State.RELAYING,
-        State.FRONT_CONNECTING,
-        State.DRAINING,
-        State.CLOSED,
-    },
-    State.CONNECTING: {State.RELAYING, State.DRAINING, State.CLOSED},
-    State.FRONT_CONNECTING: {State.FRONTING, State.DRAINING, State.CLOSED},
-    State.RELAYING: {State.DRAINING, State.CLOSED},
-    State.FRONTING: {State.DRAINING, State.CLOSED},
-    State.DRAINING: {State.CLOSED},
-    State.CLOSED: set(),
-}
 
 
 def _discard(data: bytes) -> None:
@@ -138,9 +70,9 @@ class ClientProtocol(Protocol):
         self._handler: Callable[[bytes], None] = _discard
         self._timer: IDelayedCall | None = None
         self._connecting: Deferred[Any] | None = None
-        #: The DC or mask-host leg, once up.
+        #: The DC leg, once up, or the front leg.
         self._upstream: Leg | None = None
-        self._front: Leg | None = None
+        self._front: FrontRelay | None = None
         self._session: MiddleSession | None = None
         self._pending: list[bytes] = []
         self._from_client: CipherContext | None = None
@@ -150,9 +82,6 @@ class ClientProtocol(Protocol):
         self._records: faketls.TLSRecordReader | None = None
         self._inner: Callable[[bytes], None] = _discard
         self._seen = -1
-        # Half-closes, while fronting.
-        self._client_eof = False
-        self._front_eof = False
 
     @property
     def closed(self) -> bool:
@@ -163,7 +92,7 @@ class ClientProtocol(Protocol):
         Enter ``state``; incoming bytes go to ``handler`` from now on (out
         of fake-TLS records first, once the client is past its handshake).
         """
-        if state not in _NEXT[self.state]:
+        if state not in NEXT[self.state]:
             raise RuntimeError(f"{self.state.name} -> {state.name}")
         self.state = state
         if self._records is not None and handler is not _discard:
@@ -199,10 +128,12 @@ class ClientProtocol(Protocol):
         self._cancel_timer()
         if self._connecting is not None:
             self._connecting.cancel()
-        for leg in (self._upstream, self._front):
-            if leg is not None and not leg.lost:
-                close_peer(leg.transport)
-        self._upstream = self._front = None
+        upstream, self._upstream = self._upstream, None
+        if upstream is not None and not upstream.lost:
+            close_peer(upstream.transport)
+        front, self._front = self._front, None
+        if front is not None:
+            front.client_lost()
         session, self._session = self._session, None
         if session is not None:
             session.close()
@@ -355,46 +286,25 @@ class ClientProtocol(Protocol):
             "fronting {peer}: {reason}", peer=self.transport.getPeer(), reason=front.reason
         )
         self._cancel_timer()
-        self._pending = []
+        first = []
         if self.settings.mask_proxy_protocol:
-            self._pending.append(
-                proxyprotocol.proxy_protocol_header(
-                    self.transport.getPeer(), self.transport.getHost()
-                )
-            )
+            peer, here = self.transport.getPeer(), self.transport.getHost()
+            first.append(proxyprotocol.proxy_protocol_header(peer, here))
         if front.buffered:
-            self._pending.append(front.buffered)
+            first.append(front.buffered)
             self.bytes_in += len(front.buffered)
-        self._to(State.FRONT_CONNECTING, self._queue_front)
-        self.transport.pauseProducing()
-        leg = HalfCloseableLeg(self)
-        connecting = self._connecting = connectProtocol(core.endpoint(front.target), leg)
-        connecting.addErrback(self._front_failed)
+        relay = self._front = FrontRelay(self, core.endpoint(front.target), first)
+        self._to(State.FRONTING, relay.from_client)
         self._timer = core.reactor.callLater(self.settings.idle_timeout, self._idle_check)
 
-    def _queue_front(self, data: bytes) -> None:
-        self.bytes_in += len(data)
-        self._pending.append(data)
+    # -- what the front leg calls
 
-    def _front_failed(self, failure: Failure) -> None:
-        self._connecting = None
-        if failure.check(CancelledError) or self.closed:
-            return
-        self.core.stats.upstream_failures["mask-host"] += 1
-        self.log.debug("mask host unreachable: {error}", error=failure.getErrorMessage())
+    def front_closed(self) -> None:
+        self._close()
+
+    def front_failed(self, why: str) -> None:
+        self.core.stats.upstream_failures[why] += 1
         self._abort()
-
-    def _is_self(self, leg: Leg) -> bool:
-        peer, here = leg.transport.getPeer(), self.transport.getHost()
-        return (getattr(peer, "host", 1), getattr(peer, "port", 1)) == (
-            getattr(here, "host", 2),
-            getattr(here, "port", 2),
-        )
-
-    def _relay_to_front(self, data: bytes) -> None:
-        assert self._front is not None
-        self.bytes_in += len(data)
-        _twisted.write(self._front.transport, data)
 
     # -- what a leg calls
 
@@ -403,41 +313,20 @@ class ClientProtocol(Protocol):
         if self.closed:
             leg.transport.loseConnection()
             return
-        fronting_leg = self.state is State.FRONT_CONNECTING
-        if fronting_leg and self._is_self(leg):
-            self.log.error("the mask host is this proxy's own listening address; not fronting")
-            self.core.stats.upstream_failures["mask-loop"] += 1
-            leg.transport.abortConnection()
-            self._abort()
-            return
+        self._upstream = leg
         transport = leg.transport
-        if fronting_leg:
-            self._front = leg
-        else:
-            self._upstream = leg
-            _twisted.no_delay(transport)
-            _twisted.set_read_size(transport)
-            _twisted.set_read_size(self.transport)
+        _twisted.no_delay(transport)
+        _twisted.set_read_size(transport)
+        _twisted.set_read_size(self.transport)
         transport.write(b"".join(self._pending))
         self._pending = []
         transport.registerProducer(self.transport, True)
         self.transport.registerProducer(transport, True)  # type: ignore[arg-type]
-        if fronting_leg:
-            self._to(State.FRONTING, self._relay_to_front)
-            if self._client_eof:
-                transport.loseWriteConnection()
-            else:
-                self.transport.resumeProducing()
-            return
         self._to(State.RELAYING, self._relay_to_dc)
         self.transport.resumeProducing()
         self._timer = self.core.reactor.callLater(self.settings.idle_timeout, self._idle_check)
 
     def leg_data(self, data: bytes) -> None:
-        if self.state is State.FRONTING:
-            self.bytes_out += len(data)
-            _twisted.write(self.transport, data)
-            return
         self.bytes_out += len(data)
         if self._from_dc is not None:
             assert self._to_client is not None
@@ -447,45 +336,28 @@ class ClientProtocol(Protocol):
         _twisted.write(self.transport, data)
 
     def leg_read_closed(self) -> None:
-        self._front_eof = True
-        if self._client_eof:
-            self._close_front_pair()
-        elif not self.closed:
-            self.transport.loseWriteConnection()
+        pass  # a DC leg is not half-closeable: its end is a loss
 
     def leg_lost(self, leg: Leg) -> None:
-        if leg is self._upstream:
-            self._upstream = None
-        elif leg is self._front:
-            self._front = None
-        else:
+        if leg is not self._upstream:
             return
+        self._upstream = None
         if not self.closed:
             # The client may still send before its close completes; there
             # is nowhere left to send it.
             self.transport.unregisterProducer()
             self._close()
 
-    def _close_front_pair(self) -> None:
-        if self._front is not None:
-            close_peer(self._front.transport)
-        if not self.closed:
-            self.transport.unregisterProducer()
-            self._close()
-
     # IHalfCloseableProtocol: a client's half-close matters only when fronting.
 
     def readConnectionLost(self) -> None:
-        self._client_eof = True
-        if self.state not in (State.FRONT_CONNECTING, State.FRONTING):
+        if self._front is not None and self.state is State.FRONTING:
+            self._front.client_read_closed()
+        else:
             self._close()
-        elif self._front_eof:
-            self._close_front_pair()
-        elif self._front is not None:
-            self._front.transport.loseWriteConnection()
 
     def writeConnectionLost(self) -> None:
-        if self.state not in (State.FRONT_CONNECTING, State.FRONTING):
+        if self.state is not State.FRONTING:
             self._close()
 
     # -- relay

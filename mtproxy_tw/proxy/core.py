@@ -20,7 +20,8 @@ from mtproxy_tw.wire.replay import ReplayCache
 from mtproxy_tw.wire.throttle import Throttle
 
 if TYPE_CHECKING:
-    from mtproxy_tw.proxy.client import ClientProtocol, MiddleUpstream
+    from mtproxy_tw.proxy.client import ClientProtocol
+    from mtproxy_tw.proxy.interfaces import MiddleUpstream
 
 __all__ = ["ProxyCore"]
 
