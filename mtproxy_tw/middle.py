@@ -147,7 +147,10 @@ class ConfigSource(TypingProtocol):
     Where the pools read the middle-proxy lists and the proxy secret.
 
     Read at every new connection, so a refreshed config applies to new
-    connections while existing ones keep going.
+    connections while existing ones keep going. ``secret`` is the proxy
+    secret in use; ``candidate`` (or None) a new one not tried yet: new
+    connections use it, and the first handshake made with it is reported
+    with :meth:`secret_accepted` or :meth:`secret_refused`.
     """
 
     @property
@@ -157,7 +160,11 @@ class ConfigSource(TypingProtocol):
     @property
     def secret(self) -> bytes: ...
     @property
+    def candidate(self) -> bytes | None: ...
+    @property
     def clock_skew(self) -> float | None: ...
+    def secret_accepted(self, secret: bytes) -> None: ...
+    def secret_refused(self, secret: bytes, reason: str) -> None: ...
 
 
 @dataclass
@@ -170,6 +177,13 @@ class StaticConfig:
     config_v6: ProxyConfig = FALLBACK_CONFIG_V6
     secret: bytes = field(default=DEFAULT_PROXY_SECRET, repr=False)
     clock_skew: float | None = None
+    candidate: bytes | None = field(default=None, init=False, repr=False)
+
+    def secret_accepted(self, secret: bytes) -> None:
+        pass
+
+    def secret_refused(self, secret: bytes, reason: str) -> None:
+        pass
 
 
 class _Addresses(TypingProtocol):
@@ -695,6 +709,8 @@ class MEConnection(Protocol):
         self.last_received = 0.0
         self.external: IPAddress | None = None
         self.failure_reason: str | None = None
+        #: The handshake failed because of an untried proxy secret (no backoff).
+        self.secret_refused = False
         self.dead = False
         #: conn_ids closed lately: late answers for them are dropped quietly.
         self._recently_closed: dict[int, None] = {}
@@ -761,8 +777,8 @@ class MEConnection(Protocol):
         try:
             theirs = rpc.parse_nonce(payload, self.secret, now=now)
         except rpc.RPCError as e:
-            cause = "clock" if "skew" in str(e) else "secret"
-            self._reject(f"bad RPC_NONCE: {e}", cause)
+            skew = "skew" in str(e)
+            self._reject(f"bad RPC_NONCE: {e}", "clock" if skew else "secret", not skew)
             return
         keys = rpc.derive_keys(
             secret=self.secret,
@@ -808,15 +824,18 @@ class MEConnection(Protocol):
         self.ready_at = now
         interval = self.upstream.settings.ping_interval
         self._timer = self.upstream.reactor.callLater(interval, self._ping)
+        self.upstream.handshake_accepted(self)
         self.pool.connection_ready(self)
 
-    def _reject(self, detail: str, cause: str) -> None:
+    def _reject(self, detail: str, cause: str, secret_suspect: bool = False) -> None:
         """
         The middle proxy refused us (or we it): one line naming the likely cause.
+
+        ``secret_suspect``: the failure is one a wrong proxy secret causes.
         """
         if self.failure_reason is None:
             self.failure_reason = detail
-            self.upstream.handshake_rejected(self, detail, cause)
+            self.upstream.handshake_rejected(self, detail, cause, secret_suspect=secret_suspect)
         self.abort()
 
     def abort(self) -> None:
@@ -856,7 +875,7 @@ class MEConnection(Protocol):
                 self.abort()
             else:
                 # Garbage after the nonce exchange: the keys do not agree.
-                self._reject(f"unreadable answer ({e})", "ip")
+                self._reject(f"unreadable answer ({e})", "ip", secret_suspect=True)
         finally:
             for session in touched:
                 session.flush()
@@ -995,9 +1014,15 @@ class MEConnection(Protocol):
             if self.failure_reason is None:
                 self.failure_reason = _closed_during(was, reason)
                 if was in ("nonce", "handshake"):
+                    # Dropped without a word: a middle proxy does that to a
+                    # key_select it does not know, or to keys that disagree.
                     cause = "clock" if was == "nonce" else "ip"
-                    self.upstream.handshake_rejected(self, self.failure_reason, cause)
-            self.pool.connect_failed(self.endpoint, self.failure_reason)
+                    self.upstream.handshake_rejected(
+                        self, self.failure_reason, cause, secret_suspect=True
+                    )
+            self.pool.connect_failed(
+                self.endpoint, self.failure_reason, back_off=not self.secret_refused
+            )
 
 
 def _closed_during(state: str, reason: Failure) -> str:
@@ -1140,7 +1165,11 @@ class DCPool:
             return False
         endpoint = self.upstream.random.choice(candidates)
         self.connecting += 1
-        factory = _MEFactory(self, endpoint, self.upstream.config.secret)
+        source = self.upstream.config
+        # An untried proxy secret is tried by every new connection until one
+        # handshake decides on it; the secret in use stays until then.
+        secret = source.candidate if source.candidate is not None else source.secret
+        factory = _MEFactory(self, endpoint, secret)
         host, port = endpoint
         attempt = self.upstream.core.connect(Address(host, port), factory)
         self._attempts.add(attempt)
@@ -1194,11 +1223,25 @@ class DCPool:
         self._retry = None
         self._maintain()
 
-    def connect_failed(self, endpoint: Endpoint, reason: str) -> None:
+    def connect_failed(self, endpoint: Endpoint, reason: str, back_off: bool = True) -> None:
         """
         A connection to ``endpoint`` failed before it was ready: back off from it.
+
+        Without ``back_off`` (it refused an untried proxy secret, not its
+        fault) the next connection goes at once, with the secret in use.
         """
         self.connecting -= 1
+        if not back_off:
+            self.log.info(
+                "middle proxy {host}:{port} of DC {dc} refused a new proxy secret ({reason}); "
+                "connecting again with the one in use",
+                host=endpoint[0],
+                port=endpoint[1],
+                dc=self.dc,
+                reason=reason,
+            )
+            self._maintain()
+            return
         delay = self._back_off(endpoint)
         self.log.info(
             "middle proxy {host}:{port} of DC {dc} failed ({reason}); next try in {delay:.1f} s",
@@ -1352,11 +1395,38 @@ class MiddleProxy(Service):
         self.pool(dc).acquire(session)
         return session
 
-    def handshake_rejected(self, conn: MEConnection, detail: str, cause: str) -> None:
+    def handshake_accepted(self, conn: MEConnection) -> None:
+        """
+        A middle proxy accepted the handshake: a new proxy secret is proven.
+        """
+        if conn.secret != self.config.secret:
+            self.config.secret_accepted(conn.secret)
+
+    def handshake_rejected(
+        self, conn: MEConnection, detail: str, cause: str, *, secret_suspect: bool = False
+    ) -> None:
+        """
+        A handshake failed; ``secret_suspect``: in a way a wrong proxy secret causes.
+
+        If the connection tried a proxy secret other than the one in use and
+        the failure points at it (and not at a local clock known to be off),
+        that secret is reported refused and the endpoint is not blamed.
+        """
         self.counters["handshake-rejected"] += 1
         self.core.stats.upstream_failures["middle-handshake"] += 1
-        external = str(conn.external) if conn.external is not None else "unknown"
         skew = self.config.clock_skew
+        clock_off = skew is not None and abs(skew) > rpc.MAX_CLOCK_SKEW + 1
+        if (
+            secret_suspect
+            and conn.secret != self.config.secret
+            and not (cause == "clock" and clock_off)
+        ):
+            conn.secret_refused = True
+            self.config.secret_refused(
+                conn.secret, f"{conn.endpoint[0]}:{conn.endpoint[1]}: {detail}"
+            )
+            return
+        external = str(conn.external) if conn.external is not None else "unknown"
         clock = "the local clock" + (f" (off by {skew:+.0f} s)" if skew is not None else "")
         if cause == "clock":
             likely = f"{clock} or the proxy secret"

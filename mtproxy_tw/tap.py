@@ -23,6 +23,7 @@ from mtproxy_tw.middle_options import (
     build_middle,
     middle_settings_from_options,
 )
+from mtproxy_tw.services.descriptors import MIDDLE_POOL_DCS
 from mtproxy_tw.services.proxy import ProxyService
 from mtproxy_tw.services.reload import SecretsReloader, read_secrets_file
 from mtproxy_tw.services.state import StateDir, StateError, default_state_dir
@@ -132,10 +133,14 @@ class Options(MiddleOptionsMixin, usage.Options):
         if self["port"] is not None and self["listen"]:
             raise usage.UsageError("--port: give either --port or --listen, not both")
         port = self["port"] if self["port"] is not None else 443
+        # How the operator asked for each listener, for the errors about it.
+        self["listen-named-by"] = [f"--listen {d}" for d in self["listen"]]
         if not self["listen"]:
             if not 0 <= port < 65536:
                 raise usage.UsageError(f"--port: {port} is out of range")
             self["listen"] = [f"tcp:{port}"]
+            default = " (the default)" if self["port"] is None else ""
+            self["listen-named-by"] = [f"--port {port}{default}"]
         for description in self["listen"]:
             if description.startswith("systemd:"):
                 continue  # its sockets exist only when systemd starts us
@@ -177,6 +182,13 @@ class Options(MiddleOptionsMixin, usage.Options):
                 loaded = read_secrets_file(self["secrets-file"])
             except SecretError as e:
                 raise usage.UsageError(f"--secrets-file: {e}") from None
+            if not loaded and not self["secrets"]:
+                # An emptied file means everyone was revoked, not "generate one".
+                raise usage.UsageError(
+                    f"--secrets-file: {self['secrets-file']} lists no secrets and no --secret "
+                    "is given; refusing to start with a generated default secret instead "
+                    "(add a line to the file, or give --secret)"
+                )
             names = {s.name for s in self["secrets"]}
             for secret in loaded:
                 if secret.name in names:
@@ -316,11 +328,12 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     log.info("state directory: {path}", path=str(state.path))
     settings = settings_from_options(options, secrets)
     top = MultiService()
-    proxy = ProxyService(settings, reactor, options["listen"])
+    proxy = ProxyService(settings, reactor, options["listen"], options.get("listen-named-by"))
     proxy.setServiceParent(top)
     if options.get("middle") is not None:
         middle, upstream = build_middle(proxy.core, options["middle"], state.path, reactor)
         proxy.core.middle = upstream
+        proxy.pool_descriptors = MIDDLE_POOL_DCS * options["middle"].pool_max
         middle.setServiceParent(top)
     announcer = _LinkAnnouncer(proxy, options["public-host"])
     announcer.setServiceParent(top)

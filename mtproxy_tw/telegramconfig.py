@@ -3,10 +3,19 @@ Telegram's middle-proxy list and proxy secret, kept fresh (PROTOCOL.md section 9
 
 :class:`TelegramConfig` is a service that downloads getProxyConfig,
 getProxyConfigV6 and getProxySecret every ``refresh`` seconds. A download
-that fails or does not parse never replaces the last good copy; good copies
-are saved in the state directory and loaded at start, so a proxy whose
-network cannot reach core.telegram.org still starts with what it had. The
-built-in snapshots are the last resort. Start-up never waits for a download.
+replaces nothing until it is validated for what it is: a config must parse
+and list middle proxies for its default DC; a proxy secret must be
+Telegram's length of binary key material (not an error page). A new proxy
+secret is only a *candidate* until a middle proxy accepts a handshake made
+with it (:meth:`TelegramConfig.secret_accepted`); a refusal
+(:meth:`TelegramConfig.secret_refused`) drops it and the proven one stays.
+
+Good copies are saved in the state directory and loaded at start (through
+the same checks), so a proxy whose network cannot reach core.telegram.org
+still starts with what it had. The built-in snapshots are the last resort.
+Start-up never waits for a download. After a round with a failed or
+refused download the round is retried with an exponential backoff (from
+:data:`RETRY_INITIAL` seconds up to ``refresh``), reset after a good round.
 
 The ``Date`` header of every answer is compared with the local clock: a
 middle proxy rejects a handshake from a clock more than 30 s off, and fake
@@ -23,11 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from twisted.application.internet import backoffPolicy
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -36,7 +45,7 @@ from mtproxy_tw.wire.proxyconfig import (
     FALLBACK_CONFIG_V6,
     ConfigError,
     ProxyConfig,
-    parse_proxy_config,
+    validate_proxy_config,
     validate_proxy_secret,
 )
 from mtproxy_tw.wire.rpc import MAX_CLOCK_SKEW
@@ -48,6 +57,7 @@ __all__ = [
     "PROXY_CONFIG_URL",
     "PROXY_CONFIG_V6_URL",
     "PROXY_SECRET_URL",
+    "RETRY_INITIAL",
     "SECRET_FILE",
     "FetchError",
     "Fetched",
@@ -77,6 +87,10 @@ DEFAULT_PROXY_SECRET = bytes.fromhex(
 MAX_BODY = 1 << 20
 #: Fake TLS accepts client timestamps this far from the local clock (section 13.2).
 FAKE_TLS_WINDOW = 300
+#: Seconds before the first retry of a failed round; each further failure
+#: multiplies it by RETRY_FACTOR, up to the refresh interval.
+RETRY_INITIAL = 5.0
+RETRY_FACTOR = 2.0
 
 
 class FetchError(Exception):
@@ -189,12 +203,16 @@ class TelegramConfig(Service):
 
     :ivar config_v4: the IPv4 middle proxies (getProxyConfig).
     :ivar config_v6: the IPv6 middle proxies (getProxyConfigV6).
-    :ivar secret: the proxy secret (getProxySecret); never logged.
-    :ivar sources: where each of the three came from: ``built-in``, ``cache``
-        or ``download``.
+    :ivar secret: the proxy secret in use (getProxySecret); never logged.
+    :ivar candidate: a downloaded proxy secret that differs from ``secret``
+        and has not been tried yet; new middle-proxy connections use it, and
+        the first handshake decides (:meth:`secret_accepted`,
+        :meth:`secret_refused`). None when there is none.
+    :ivar sources: where each of the three in use came from: ``built-in``,
+        ``cache`` or ``download``.
     :ivar clock_skew: server time minus local time at the last answer with a
         ``Date`` header, in seconds; None before one.
-    :ivar failures: failed downloads (or parses) per kind.
+    :ivar failures: failed, refused or unusable downloads per kind.
     :ivar rounds: completed refresh rounds.
     """
 
@@ -222,13 +240,21 @@ class TelegramConfig(Service):
         self.config_v4: ProxyConfig = FALLBACK_CONFIG_V4
         self.config_v6: ProxyConfig = FALLBACK_CONFIG_V6
         self.secret: bytes = DEFAULT_PROXY_SECRET
+        self.candidate: bytes | None = None
         self.sources = dict.fromkeys(self.KINDS, "built-in")
         self.clock_skew: float | None = None
         self.failures: Counter[str] = Counter()
         self.rounds = 0
         #: Called with the kind after each change (for logging or tests).
         self.listeners: list[Callable[[str], None]] = []
-        self._loop: LoopingCall | None = None
+        self._next: IDelayedCall | None = None
+        #: Scheduled rounds that failed in a row (0: the next one is a refresh).
+        self._attempt = 0
+        self._retry_delay = backoffPolicy(min(RETRY_INITIAL, refresh), refresh, RETRY_FACTOR)
+        #: kind -> (reason, when) of the last warning about it in a failing streak.
+        self._warned: dict[str, tuple[str, float]] = {}
+        #: A candidate secret a middle proxy refused, and when.
+        self._refused: tuple[bytes, float] | None = None
         self._inflight: Deferred[Any] | None = None
         self._round_waiters: list[Deferred[None]] = []
         self._skew_warned = False
@@ -250,6 +276,8 @@ class TelegramConfig(Service):
     def load_cached(self) -> None:
         """
         Use the copies saved by earlier runs; a missing or bad file is skipped.
+
+        A cached file goes through the same checks as a download.
         """
         for kind in self.KINDS:
             path = self._path(kind)
@@ -263,7 +291,7 @@ class TelegramConfig(Service):
                 self.log.warn("cannot read {path}: {error}", path=str(path), error=e.strerror)
                 continue
             try:
-                self._apply(kind, data)
+                self._install(kind, self._validate(kind, data))
             except ConfigError as e:
                 self.log.warn("ignoring the cached {path}: {error}", path=str(path), error=e)
                 continue
@@ -282,25 +310,108 @@ class TelegramConfig(Service):
         except OSError as e:
             self.log.warn("cannot save {path}: {error}", path=str(path), error=e.strerror)
 
-    def _apply(self, kind: str, data: bytes) -> bool:
+    @staticmethod
+    def _validate(kind: str, data: bytes) -> Any:
         """
-        Parse and install one body; returns whether it changed anything.
+        The usable value of one body: a ProxyConfig, or the secret bytes.
 
-        :raises ConfigError: the body is unusable; nothing changed.
+        :raises ConfigError: the body is not what it should be.
         """
         if kind == "secret":
-            secret = validate_proxy_secret(data)
-            changed = secret != self.secret
-            self.secret = secret
-            return changed
-        config = parse_proxy_config(data)
-        if kind == "config":
-            changed = config != self.config_v4
-            self.config_v4 = config
+            return validate_proxy_secret(data)
+        return validate_proxy_config(data)
+
+    def _install(self, kind: str, value: Any) -> bool:
+        """
+        Put a validated value in use; returns whether it changed anything.
+        """
+        if kind == "secret":
+            changed = value != self.secret
+            self.secret = value
+        elif kind == "config":
+            changed = value != self.config_v4
+            self.config_v4 = value
         else:
-            changed = config != self.config_v6
-            self.config_v6 = config
-        return changed
+            changed = value != self.config_v6
+            self.config_v6 = value
+        return bool(changed)
+
+    def _changed(self, kind: str) -> None:
+        self.log.info("{kind} updated from {url}", kind=kind, url=self.urls[kind])
+        for listener in list(self.listeners):
+            try:
+                listener(kind)
+            except Exception:
+                self.log.failure("a config listener failed")
+
+    # -- the proxy secret: a download is a candidate until a middle proxy accepts it
+
+    def secret_accepted(self, secret: bytes) -> None:
+        """
+        A middle proxy accepted a handshake made with ``secret``.
+
+        If it is the candidate, it becomes the secret in use and is saved.
+        """
+        if self.candidate is None or secret != self.candidate:
+            return
+        self.candidate = None
+        self._install("secret", secret)
+        self.sources["secret"] = "download"
+        self._save("secret", secret)
+        self._changed("secret")
+
+    def secret_refused(self, secret: bytes, reason: str) -> None:
+        """
+        A middle proxy refused a handshake made with ``secret``, likely because of it.
+
+        If it is the candidate, it is dropped (with a warning) and the secret
+        in use stays; the same download is not tried again for a refresh interval.
+        """
+        if self.candidate is None or secret != self.candidate:
+            return
+        self.candidate = None
+        self._refused = (secret, self.reactor.seconds())
+        self.failures["secret"] += 1
+        self.log.warn(
+            "a middle proxy refused the proxy secret downloaded from {url} ({reason}); "
+            "keeping the {source} one",
+            url=self.urls["secret"],
+            reason=reason,
+            source=self.sources["secret"],
+        )
+
+    def _new_secret(self, secret: bytes) -> None:
+        """
+        A valid proxy secret was downloaded: keep it as the candidate if it is new.
+        """
+        if secret == self.secret:
+            if self.candidate is not None:
+                self.log.info(
+                    "{url} publishes the proxy secret in use again; "
+                    "dropping the one not yet tried",
+                    url=self.urls["secret"],
+                )
+                self.candidate = None
+            if self.sources["secret"] != "download":
+                self.sources["secret"] = "download"
+                self._save("secret", secret)
+            return
+        if secret == self.candidate:
+            return
+        refused = self._refused
+        if (
+            refused is not None
+            and refused[0] == secret
+            and self.reactor.seconds() - refused[1] < self.refresh_interval
+        ):
+            return
+        self.candidate = secret
+        self.log.info(
+            "new proxy secret from {url}; it replaces the {source} one "
+            "once a middle proxy accepts a handshake with it",
+            url=self.urls["secret"],
+            source=self.sources["secret"],
+        )
 
     # -- the service
 
@@ -313,17 +424,14 @@ class TelegramConfig(Service):
             interval=self.refresh_interval,
             **self.sources,
         )
-        loop = self._loop = LoopingCall(self._refresh_quietly)
-        loop.clock = self.reactor
-        loop.start(self.refresh_interval, now=True).addErrback(
-            lambda f: self.log.failure("the config refresh loop stopped", f)
-        )
+        self._attempt = 0
+        self._scheduled_round()
 
     def stopService(self) -> None:
         super().stopService()
-        loop, self._loop = self._loop, None
-        if loop is not None and loop.running:
-            loop.stop()
+        call, self._next = self._next, None
+        if call is not None and call.active():
+            call.cancel()
         if self._inflight is not None:
             self._inflight.cancel()
 
@@ -335,15 +443,37 @@ class TelegramConfig(Service):
         self._round_waiters.append(d)
         return d
 
-    def _refresh_quietly(self) -> Deferred[None]:
-        d = self.refresh()
+    def _scheduled_round(self) -> None:
+        self._next = None
+        d = self._refresh(scheduled=True)
         d.addErrback(lambda f: self.log.failure("config refresh failed", f))
-        return d
+
+    def _schedule(self, ok: bool) -> None:
+        """
+        After a scheduled round: the next refresh, or a retry after a failure.
+        """
+        if not self.running:
+            return
+        if ok:
+            self._attempt = 0
+            delay = self.refresh_interval
+        else:
+            delay = min(self._retry_delay(self._attempt), self.refresh_interval)
+            self._attempt += 1
+            self.log.info("not every download succeeded; retrying in {delay:.0f} s", delay=delay)
+        self._next = self.reactor.callLater(delay, self._scheduled_round)
 
     def refresh(self) -> Deferred[None]:
         """
-        Download all three now; each that succeeds and parses replaces the old one.
+        Download all three now; each that succeeds and is valid replaces the old one.
+
+        (A new proxy secret becomes the candidate.) This does not move the
+        scheduled rounds.
         """
+        return self._refresh(scheduled=False)
+
+    def _refresh(self, scheduled: bool) -> Deferred[None]:
+        retry = scheduled and self._attempt > 0
         kinds = self.KINDS
         fetches = [
             fetch(self.http_client, self.urls[kind], clock=self.reactor, timeout=self.timeout)
@@ -354,57 +484,89 @@ class TelegramConfig(Service):
 
         def done(results: list[tuple[bool, Any]]) -> None:
             self._inflight = None
+            ok = False
             try:
-                self._round_done(dict(zip(kinds, results, strict=True)))
+                ok = self._round_done(dict(zip(kinds, results, strict=True)), retry)
             finally:
                 self.rounds += 1
+                if scheduled:
+                    self._schedule(ok)
                 waiters, self._round_waiters = self._round_waiters, []
                 for waiter in waiters:
                     waiter.callback(None)
 
         return dl.addCallback(done)
 
-    def _round_done(self, results: dict[str, tuple[bool, Any]]) -> None:
+    def _round_done(self, results: dict[str, tuple[bool, Any]], retry: bool) -> bool:
+        """
+        Use what a round brought; returns whether every download was good.
+        """
         times: list[float] = []
+        good = True
         for kind, (ok, result) in results.items():
             if ok:
-                self._downloaded(kind, result)
+                good = self._downloaded(kind, result, retry) and good
                 if result.server_time is not None:
                     times.append(result.server_time)
             else:
+                good = False
                 self.failures[kind] += 1
-                self.log.warn(
+                error = _describe(result)
+                self._warn(
+                    kind,
+                    error,
+                    retry,
                     "downloading {url} failed ({error}); keeping the {source} copy",
-                    url=self.urls[kind],
-                    error=_describe(result),
-                    source=self.sources[kind],
                 )
         if times:
             self._check_clock(max(times))
+        return good
 
-    def _downloaded(self, kind: str, fetched: Fetched) -> None:
+    def _warn(self, kind: str, error: str, retry: bool, text: str) -> None:
+        """
+        Log a failed or refused download: a warning once per refresh, not per retry.
+
+        A retry that fails as the last warning said, within a refresh
+        interval of it, is logged at info level.
+        """
+        now = self.reactor.seconds()
+        last = self._warned.get(kind)
+        if (
+            retry
+            and last is not None
+            and last[0] == error
+            and now - last[1] < self.refresh_interval
+        ):
+            log = self.log.info
+        else:
+            log = self.log.warn
+            self._warned[kind] = (error, now)
+        log(text, url=self.urls[kind], error=error, source=self.sources[kind])
+
+    def _downloaded(self, kind: str, fetched: Fetched, retry: bool) -> bool:
         try:
-            changed = self._apply(kind, fetched.body)
+            value = self._validate(kind, fetched.body)
         except ConfigError as e:
             self.failures[kind] += 1
-            self.log.warn(
+            self._warn(
+                kind,
+                str(e),
+                retry,
                 "{url} sent an unusable answer ({error}); keeping the {source} copy",
-                url=self.urls[kind],
-                error=e,
-                source=self.sources[kind],
             )
-            return
+            return False
+        self._warned.pop(kind, None)
+        if kind == "secret":
+            self._new_secret(value)
+            return True
+        changed = self._install(kind, value)
         fresh = self.sources[kind] != "download"
         self.sources[kind] = "download"
         if changed or fresh:
             self._save(kind, fetched.body)
         if changed:
-            self.log.info("{kind} updated from {url}", kind=kind, url=self.urls[kind])
-            for listener in list(self.listeners):
-                try:
-                    listener(kind)
-                except Exception:
-                    self.log.failure("a config listener failed")
+            self._changed(kind)
+        return True
 
     def _check_clock(self, server_time: float) -> None:
         # The Date header has a resolution of one second.

@@ -21,7 +21,7 @@ LONG_MODULES: dict[str, str] = {
     "mtproxy_tw.middle": "to be split into mtproxy_tw.middle/",
     "mtproxy_tw.wire.rpc": "to be split",
     "mtproxy_tw.wire.faketls": "to be split",
-    "mtproxy_tw.proxy.client": "to be split",
+    "mtproxy_tw.telegramconfig": "to be split into mtproxy_tw.middle/",
 }
 
 

@@ -22,7 +22,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import deferLater
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, StringTransport
-from twisted.logger import globalLogPublisher
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python import usage
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -72,6 +72,8 @@ SECURE = parse_secret("bob=dd" + "b2" * 16, "x")
 SECRETS = (CLASSIC, SECURE)
 AD_TAG = bytes.fromhex("0123456789abcdef0123456789abcdef")
 PROXY_SECRET = bytes(range(128))
+#: Another valid proxy secret (Telegram's next one, or a wrong one).
+OTHER_SECRET = bytes(range(128, 256))
 MiB = 1 << 20
 
 
@@ -692,9 +694,11 @@ class LoopbackHarness(TestCase):
         wait_for_config: bool = True,
         pick_first: bool = False,
         secrets: tuple[Secret, ...] = SECRETS,
+        me_secret: bytes = PROXY_SECRET,
+        site_secret: bytes = PROXY_SECRET,
         **proxy_settings: Any,
     ) -> int:
-        self.fake = FakeMiddleProxy(PROXY_SECRET, reactor, **(fake or {}))
+        self.fake = FakeMiddleProxy(me_secret, reactor, **(fake or {}))
         self.me_listener = reactor.listenTCP(0, self.fake, interface=LOCAL)
         self.me_port = _port(self.me_listener)
         self.addCleanup(self._stop_fake, self.fake)
@@ -703,7 +707,7 @@ class LoopbackHarness(TestCase):
             endpoints = {dc: [(LOCAL, self.me_port)] for dc in (2, -2, 4)}
         self.config_body = config_text(endpoints)
         self.site = FakeConfigServer(
-            reactor, config_v4=self.config_body, config_v6=self.config_body, secret=PROXY_SECRET
+            reactor, config_v4=self.config_body, config_v6=self.config_body, secret=site_secret
         )
         site_listener = reactor.listenTCP(0, self.site, interface=LOCAL)
         site_port = _port(site_listener)
@@ -1080,13 +1084,67 @@ class ResilienceTests(LoopbackHarness):
 
     async def _empty_state(self) -> None:
         await self.start(seed_cache=False)
-        self.assertEqual(self.config.sources, dict.fromkeys(self.config.sources, "download"))
-        self.assertEqual((self.state_dir / SECRET_FILE).read_bytes(), PROXY_SECRET)
+        # The downloaded secret is in use once a middle proxy has accepted it.
+        self.assertEqual(self.config.candidate, PROXY_SECRET)
         client = await self.client()
         self.assertEqual(await self.within(client.request(b"\x01" * 8)), b"\x01" * 8)
+        self.assertEqual(self.config.sources, dict.fromkeys(self.config.sources, "download"))
+        self.assertEqual((self.state_dir / SECRET_FILE).read_bytes(), PROXY_SECRET)
 
     def test_empty_state_dir_fetches_at_start(self) -> Deferred[None]:
         return self.run_async(self._empty_state())
+
+
+class SecretRotationTests(LoopbackHarness):
+    """
+    A downloaded proxy secret replaces the one in use only once a middle
+    proxy has accepted a handshake made with it.
+    """
+
+    async def _rotated(self) -> None:
+        # Telegram moved to a new secret; the middle proxies already use it.
+        await self.start(middle={"pool_min": 1}, me_secret=OTHER_SECRET, site_secret=OTHER_SECRET)
+        self.assertEqual(self.config.secret, PROXY_SECRET)
+        self.assertEqual((self.state_dir / SECRET_FILE).read_bytes(), PROXY_SECRET)
+        client = await self.client()
+        self.assertEqual(await self.within(client.request(b"\x01" * 8)), b"\x01" * 8)
+        self.assertEqual(self.config.secret, OTHER_SECRET)
+        self.assertEqual(self.config.sources["secret"], "download")
+        self.assertEqual((self.state_dir / SECRET_FILE).read_bytes(), OTHER_SECRET)
+        self.assertEqual(self.fake.handshake_failures, {})
+
+    def test_new_secret_is_promoted_after_a_handshake(self) -> Deferred[None]:
+        return self.run_async(self._rotated())
+
+    async def _refused(self, downloaded: bytes, failure: str) -> None:
+        # The download looks right, but the middle proxies do not know it.
+        await self.start(middle={"pool_min": 1}, site_secret=downloaded)
+        self.assertEqual(self.config.secret, PROXY_SECRET)
+        observer = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        client = await self.client()
+        self.assertEqual(await self.within(client.request(b"\x01" * 8)), b"\x01" * 8)
+        self.assertEqual(self.fake.handshake_failures, {failure: 1})
+        self.assertEqual(self.config.secret, PROXY_SECRET)
+        self.assertEqual(self.config.sources["secret"], "cache")
+        self.assertEqual((self.state_dir / SECRET_FILE).read_bytes(), PROXY_SECRET)
+        warnings = [e for e in observer if e["log_level"] == LogLevel.warn]
+        (warning,) = warnings
+        self.assertIn("refused", warning["log_format"])
+        for event in observer:
+            self.assertNotIn(downloaded.hex(), repr(event))
+            self.assertNotIn(PROXY_SECRET.hex(), repr(event))
+        # No backoff from the middle proxy: it was not at fault.
+        self.assertEqual(self.pool().backoff, {})
+        # Further clients use the proven secret.
+        other = await self.client()
+        self.assertEqual(await self.within(other.request(b"\x02" * 8)), b"\x02" * 8)
+        self.assertEqual(self.fake.handshake_failures, {failure: 1})
+
+    def test_refused_secret_falls_back(self) -> Deferred[None]:
+        return self.run_async(self._refused(OTHER_SECRET, "nonce"))
+
+    def test_refused_secret_with_the_same_key_select_falls_back(self) -> Deferred[None]:
+        return self.run_async(self._refused(PROXY_SECRET[:4] + OTHER_SECRET[4:], "keys"))
 
 
 # -- options

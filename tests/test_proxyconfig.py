@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import os
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -14,11 +15,13 @@ from twisted.trial.unittest import SynchronousTestCase
 from mtproxy_tw.wire.proxyconfig import (
     FALLBACK_CONFIG_V4,
     FALLBACK_CONFIG_V6,
+    PROXY_SECRET_SIZE,
     ConfigError,
     Endpoint,
     ProxyConfig,
     format_proxy_config,
     parse_proxy_config,
+    validate_proxy_config,
     validate_proxy_secret,
 )
 
@@ -200,12 +203,41 @@ class FallbackTests(SynchronousTestCase):
 
 class SecretTests(SynchronousTestCase):
     def test_sizes(self) -> None:
-        for size in (32, 128, 256):
-            data = bytes(range(size % 256)) + bytes(size - size % 256)
+        self.assertEqual(PROXY_SECRET_SIZE, 128)
+        for data in (bytes(range(128)), bytes(range(128, 256)), os.urandom(128)):
             self.assertEqual(validate_proxy_secret(data), data)
-        for size in (0, 16, 31, 257):
-            error = self.assertRaises(ConfigError, validate_proxy_secret, bytes(size))
+        # Telegram's secret is 128 bytes; other proxies accept 32..256, we do not.
+        for size in (0, 16, 31, 32, 127, 129, 256, 257):
+            error = self.assertRaises(ConfigError, validate_proxy_secret, os.urandom(size))
             self.assertIn(str(size), str(error))
+
+    def test_text_is_refused(self) -> None:
+        pages = [
+            b"<html><body>Service unavailable</body></html>" * 3,
+            # "Access denied" in Russian, UTF-8.
+            (
+                "<html><body>\u0414\u043e\u0441\u0442\u0443\u043f "
+                "\u0437\u0430\u043f\u0440\u0435\u0449\u0451\u043d</body></html>"
+            ).encode(),
+            ("<p>Zugriff verweigert, \xfcberpr\xfcfen</p>" * 4).encode("latin-1"),
+            b"a" * 128,
+        ]
+        for page in pages:
+            page = (page * 4)[:128]
+            error = self.assertRaises(ConfigError, validate_proxy_secret, page)
+            self.assertIn("text", str(error))
+            self.assertNotIn(page[:20].decode("latin-1"), str(error))
+
+
+class UsableConfigTests(SynchronousTestCase):
+    def test_default_dc_must_be_listed(self) -> None:
+        self.assertEqual(validate_proxy_config(SAMPLE), parse_proxy_config(SAMPLE))
+        self.assertEqual(validate_proxy_config("proxy_for 2 1.2.3.4:5;").default_dc, 2)
+        error = self.assertRaises(ConfigError, validate_proxy_config, "proxy_for 4 1.2.3.4:5;")
+        self.assertIn("default DC 2", str(error))
+        config = validate_proxy_config("default 4; proxy_for 4 1.2.3.4:5;")
+        self.assertEqual(config.default_dc, 4)
+        self.assertRaises(ConfigError, validate_proxy_config, "<html><body>502</body></html>")
 
 
 hosts = st.one_of(

@@ -7,9 +7,11 @@ from __future__ import annotations
 import os
 import signal
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import reactor as _reactor
+from twisted.internet.defer import Deferred
+from twisted.logger import ILogObserver, LogEvent, LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from mtproxy_tw.services.reload import SecretsReloader
@@ -94,6 +96,38 @@ class ReloadTests(ProxyHarness):
             path.unlink()
             self.assertFalse(reloader.reload())
             await self.echo(ALICE)
+
+        return self.run_async(run())
+
+    def test_emptied_file_beside_a_secret_warns(self) -> Deferred[None]:
+        """
+        Emptying the file while a --secret is given removes every file user
+        and says so in a warning; the --secret users carry on.
+        """
+
+        async def run() -> None:
+            path = Path(self.mktemp())
+            write(path, BOB)
+            await self.start(secrets=(ALICE, BOB))
+            reloader = SecretsReloader(self.service, reactor, (ALICE,), path, lambda s: None)
+            bob = await self.client(BOB)
+            payload = _payload(100)
+            self.assertEqual(await self.within(bob.request(payload)), payload)
+            events: list[LogEvent] = []
+            observer = cast(ILogObserver, events.append)
+            globalLogPublisher.addObserver(observer)
+            self.addCleanup(globalLogPublisher.removeObserver, observer)
+            path.write_text("# everyone out\n")
+            self.assertTrue(reloader.reload())
+            await self.within(bob.lost)
+            await self.echo(ALICE)
+            warnings = [formatEvent(e) for e in events if e["log_level"] is LogLevel.warn]
+            self.assertEqual(len(warnings), 1, warnings)
+            self.assertIn(f"{path} lists no secrets", warnings[0])
+            self.assertIn("all 1 of its users were removed", warnings[0])
+            text = " ".join(formatEvent(e) for e in events)
+            self.assertNotIn(BOB.key.hex(), text)
+            self.assertNotIn(ALICE.key.hex(), text)
 
         return self.run_async(run())
 

@@ -4,11 +4,18 @@ Command-line options, the service they build, and the plugin.
 
 from __future__ import annotations
 
+import errno
 import os
+import re
+import socket
 from pathlib import Path
+from typing import Any, cast
 
 from twisted.application.service import IService, IServiceMaker, MultiService
+from twisted.internet import tcp
+from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import ILogObserver, LogEvent, LogLevel, formatEvent, globalLogPublisher
 from twisted.plugin import getPlugins
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
@@ -25,6 +32,68 @@ def parse(*argv: str) -> tap.Options:
     options = tap.Options()
     options.parseOptions(list(argv))
     return options
+
+
+def observe(case: SynchronousTestCase) -> list[LogEvent]:
+    """
+    The log events emitted until the end of ``case``.
+    """
+    events: list[LogEvent] = []
+    observer = cast(ILogObserver, events.append)
+    globalLogPublisher.addObserver(observer)
+    case.addCleanup(globalLogPublisher.removeObserver, observer)
+    return events
+
+
+def warnings(events: list[LogEvent]) -> list[str]:
+    return [formatEvent(e) for e in events if e["log_level"] is LogLevel.warn]
+
+
+class RefusingReactor(MemoryReactorClock):
+    """
+    Every ``listenTCP`` fails as a port below 1024 does without privileges.
+    """
+
+    def listenTCP(self, port: int, factory: Any, backlog: int = 50, interface: str = "") -> Any:
+        error = PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        raise CannotListenError(interface, port, error)
+
+
+class PortReactor(MemoryReactorClock):
+    """
+    A clock whose ``listenTCP`` makes a real listening ``tcp.Port`` on
+    loopback; nothing reads from it unless the test calls ``doRead``.
+    """
+
+    def listenTCP(self, port: int, factory: Any, backlog: int = 50, interface: str = "") -> Any:
+        listening = tcp.Port(port, factory, backlog, interface, self)
+        listening.startListening()
+        return listening
+
+
+class FakeListener:
+    """
+    A listening socket out of descriptors: ``accept`` fails with EMFILE
+    while Twisted holds its reserve descriptor, and hands out the
+    ``pending`` clients once Twisted has let it go.
+    """
+
+    def __init__(self, real: socket.socket) -> None:
+        self.real = real
+        self.pending = 0
+
+    def accept(self) -> tuple[socket.socket, tuple[str, int]]:
+        if not self.pending:
+            raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+        if tcp._reservedFD.available():
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        self.pending -= 1
+        client, other = socket.socketpair()
+        other.close()
+        return client, ("127.0.0.1", 40000 + self.pending)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
 
 
 class OptionsTests(SynchronousTestCase):
@@ -58,6 +127,21 @@ class OptionsTests(SynchronousTestCase):
         self.assertTrue(str(e).startswith("--secret:"))
         e = self.assertRaises(UsageError, parse, "--secret", "a=" + S, "--secret", "a=" + S)
         self.assertIn("twice", str(e))
+
+    def test_empty_secrets_file_refused(self) -> None:
+        """
+        An emptied --secrets-file with no --secret refuses the start rather
+        than letting the proxy generate a default secret: who emptied it
+        meant to shut everyone out.
+        """
+        path = Path(self.mktemp())
+        path.write_text("# nobody for now\n")
+        e = self.assertRaises(UsageError, parse, "--secrets-file", str(path))
+        self.assertTrue(str(e).startswith(f"--secrets-file: {path} lists no secrets"), str(e))
+        self.assertIn("--secret", str(e))
+        self.assertNotIn("\n", str(e))
+        options = parse("--secret", "alice=" + S, "--secrets-file", str(path))
+        self.assertEqual([s.name for s in options["secrets"]], ["alice"])
 
     def test_secrets_file(self) -> None:
         path = Path(self.mktemp())
@@ -231,7 +315,128 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertEqual([(p[0], p[3]) for p in reactor.tcpServers], [(8443, "127.0.0.1")])
 
 
+class OpenFileLimitTests(SynchronousTestCase):
+    def start(self, limit: tuple[int, int], *argv: str) -> list[str]:
+        """
+        Start the proxy with a faked open-file limit; return its warnings.
+        """
+        observer = observe(self)
+        top = tap.makeService(
+            parse(
+                "--listen",
+                "tcp:8443",
+                "--public-host",
+                "proxy.example",
+                "--state-dir",
+                self.mktemp(),
+                *argv,
+            ),
+            MemoryReactorClock(),
+        )
+        assert isinstance(top, MultiService)
+        proxy = next(s for s in top if isinstance(s, ProxyService))
+        proxy.open_file_limit = lambda: limit
+        top.startService()
+        self.addCleanup(top.stopService)
+        return warnings(observer)
+
+    def test_low_limit_warns_at_start(self) -> None:
+        """
+        A limit far below what --max-connections needs is a warning naming
+        the limit, the need and the fix.
+        """
+        found = self.start((1024, 1024), "--secret", S, "--max-connections", "10000")
+        self.assertEqual(len(found), 1, found)
+        # Two descriptors per direct client, plus the spares and the listener.
+        need = 2 * 10000 + 64 + 1
+        for part in ("1024", str(need), f"LimitNOFILE={need}", f"ulimit -n {need}"):
+            self.assertIn(part, found[0])
+
+    def test_middle_clients_need_one_each(self) -> None:
+        found = self.start(
+            (1024, 1024),
+            "--secret",
+            S,
+            "--ad-tag",
+            "ab" * 16,
+            "--nat-ip",
+            "203.0.113.7",
+            "--proxy-config-url",
+            "http://127.0.0.1:1/c",
+            "--max-connections",
+            "2000",
+        )
+        need = 2000 + 10 * 8 + 64 + 1
+        self.assertTrue(any(f"LimitNOFILE={need}" in w for w in found), found)
+        self.assertNotIn("ab" * 16, " ".join(found))
+
+    def test_enough_is_no_warning(self) -> None:
+        self.assertEqual(self.start((65536, 65536), "--secret", S), [])
+
+
+class AcceptFailureTests(SynchronousTestCase):
+    def test_port_refusals_are_one_warning_a_minute(self) -> None:
+        """
+        Twisted's one info line per connection a port cannot accept for
+        want of descriptors becomes one warning, then one a minute with
+        the count.
+        """
+        observer = observe(self)
+        reactor = PortReactor()
+        proxy = ProxyService(
+            tap.settings_from_options(parse("--secret", S), ()),
+            reactor,
+            ["tcp:0:interface=127.0.0.1"],
+        )
+        proxy.open_file_limit = lambda: (64, 64)
+        proxy.startService()
+        [port] = self.successResultOf(proxy.listening())
+        assert isinstance(port, tcp.Port)
+        real = port.socket
+        fake = FakeListener(real)
+        port.socket = fake
+        try:
+            for _ in range(40):  # bursts of three, over a minute and a half
+                fake.pending += 3
+                port.doRead()
+                reactor.advance(2.25)
+        finally:
+            port.socket = real
+        proxy.stopService()
+        reactor.advance(1)
+        texts = [formatEvent(e) for e in observer]
+        self.assertFalse(any("EMFILE" in t or "Could not accept" in t for t in texts), texts)
+        refusals = [w for w in warnings(observer) if "cannot accept clients" in w]
+        self.assertEqual(len(refusals), 3, refusals)
+        self.assertTrue(refusals[0].startswith("cannot accept clients: 3 connections closed"))
+        self.assertIn("the open file limit 64 is below", refusals[0])
+        self.assertIn("LimitNOFILE=", refusals[0])
+        self.assertIn("in the last 60 s: ", refusals[1])
+        self.assertIn("since the last warning: ", refusals[2])
+        told = [int(n) for w in refusals for n in re.findall(r"(\d+) connections closed", w)]
+        self.assertEqual(sum(told), 3 * 40 - fake.pending)
+
+
 class ListenErrorTests(SynchronousTestCase):
+    def test_permission_denied_names_the_option_given(self) -> None:
+        """
+        The line about a port that needs privileges names --port when the
+        operator gave --port, --listen when they gave --listen.
+        """
+        given = {
+            ("--port", "80"): "--port 80: cannot listen: Permission denied",
+            ("--listen", "tcp:80"): "--listen tcp:80: cannot listen: Permission denied",
+            (): "--port 443 (the default): cannot listen: Permission denied",
+        }
+        for argv, expected in given.items():
+            top = tap.makeService(
+                parse(*argv, "--secret", S, "--state-dir", self.mktemp()), RefusingReactor()
+            )
+            e = self.assertRaises(ListenError, top.privilegedStartService)
+            self.assertTrue(str(e).startswith(expected), str(e))
+            self.assertIn("CAP_NET_BIND_SERVICE", str(e))
+            self.assertNotIn("\n", str(e))
+
     def test_cannot_listen_is_one_line(self) -> None:
         """
         A port that cannot be had ends the start with one line naming it.

@@ -8,6 +8,7 @@ with the FakeConfigServer are real, on loopback.
 
 from __future__ import annotations
 
+import itertools
 import os
 import stat
 from collections.abc import Coroutine
@@ -42,8 +43,11 @@ T = TypeVar("T")
 NOW = 1_700_000_000.0
 V4 = config_text({2: [("149.154.162.39", 80)], 4: [("91.108.4.136", 8888)]})
 V6 = config_text({2: [("2001:67c:4e8:f002::d", 80)]})
-SECRET = bytes(range(64))
+SECRET = bytes(range(128, 256))
 NEW_V4 = config_text({2: [("149.154.162.40", 8888)]}, default=2)
+#: What a misconfigured mirror or a captive portal answers with 200 OK.
+ERROR_PAGE = b"<html><body>Service unavailable</body></html>"
+PATHS = ("/getProxyConfig", "/getProxyConfigV6", "/getProxySecret")
 
 
 class ConfigHarness(TestCase):
@@ -101,15 +105,13 @@ class ConfigHarness(TestCase):
 
     async def round(self, config: TelegramConfig, advance: float | None = None) -> None:
         """
-        Wait for a round (after advancing the clock, if asked) and for the
-        loop to schedule the next one.
+        Wait for a round (after advancing the clock, if asked); the next one
+        is scheduled by then.
         """
         waiting = config.next_round()
         if advance is not None:
             self.clock.advance(advance)
         await waiting.addTimeout(10, reactor)
-        loop = config._loop
-        await self.until(lambda: loop is None or not loop.running or loop.call is not None)
 
     async def until(self, predicate: Any) -> None:
         from twisted.internet.task import deferLater
@@ -134,7 +136,13 @@ class RefreshTests(ConfigHarness):
         await self.start(config)
         self.assertEqual(config.config_v4, parse_proxy_config(V4))
         self.assertEqual(config.config_v6, parse_proxy_config(V6))
+        # The new secret waits for a middle proxy to accept it.
+        self.assertEqual(config.secret, DEFAULT_PROXY_SECRET)
+        self.assertEqual(config.candidate, SECRET)
+        self.assertFalse((self.state_dir / SECRET_FILE).exists())
+        config.secret_accepted(SECRET)
         self.assertEqual(config.secret, SECRET)
+        self.assertIsNone(config.candidate)
         self.assertEqual(config.sources, dict.fromkeys(config.KINDS, "download"))
         self.assertEqual((self.state_dir / CONFIG_FILE).read_bytes(), V4)
         self.assertEqual((self.state_dir / CONFIG_V6_FILE).read_bytes(), V6)
@@ -169,6 +177,7 @@ class RefreshTests(ConfigHarness):
     async def _broken(self) -> None:
         config = self.config()
         await self.start(config)
+        config.secret_accepted(SECRET)  # as a middle proxy would
         good = (config.config_v4, config.config_v6, config.secret)
         for v4, v6, secret, status in [
             (b"proxy_for 2 nonsense", b"", b"short", 200),
@@ -218,9 +227,9 @@ class RefreshTests(ConfigHarness):
         self.assertTrue(any("timed out" in str(e.get("error")) for e in self.warnings()))
         # The loop goes on.
         self.site.stalled.clear()
-        await self.until(lambda: config._loop is not None and config._loop.call is not None)
+        await self.until(lambda: config._next is not None)
         await self.round(config, advance=600)
-        self.assertEqual(config.secret, SECRET)
+        self.assertEqual(config.candidate, SECRET)
 
     def test_stalled_download_times_out(self) -> Deferred[None]:
         return self.run_async(self._stalled())
@@ -233,6 +242,7 @@ class RefreshTests(ConfigHarness):
 
         config.listeners.append(bad)
         await self.start(config)
+        config.secret_accepted(SECRET)  # the secret changes once a middle proxy accepts it
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 3)
         self.site.bodies["/getProxyConfig"] = NEW_V4
         await self.round(config, advance=600)
@@ -362,3 +372,141 @@ class ClockTests(ConfigHarness):
             self.assertIn("fake-TLS", event["effects"])
 
         return self.run_async(run())
+
+
+class ValidationTests(ConfigHarness):
+    """
+    A download must be what it claims to be before it replaces anything.
+    """
+
+    async def _error_page_secret(self, page: bytes) -> None:
+        self.seed()
+        self.site.bodies["/getProxySecret"] = page
+        config = self.config()
+        await self.start(config)
+        self.assertEqual(config.secret, SECRET)
+        self.assertEqual(config.sources["secret"], "cache")
+        self.assertEqual((self.state_dir / SECRET_FILE).read_bytes(), SECRET)
+        self.assertEqual(config.failures, {"secret": 1})
+        (warning,) = self.warnings()
+        self.assertEqual(warning["url"], config.urls["secret"])
+        self.assertNotIn(page.decode(), repr(warning))
+        self.assertNotIn(SECRET.hex(), repr(warning))
+        # A restart loads the good copy.
+        config.stopService()
+        again = self.config()
+        again.load_cached()
+        self.assertEqual(again.secret, SECRET)
+
+    def test_error_page_does_not_replace_secret(self) -> Deferred[None]:
+        self.assertEqual(len(ERROR_PAGE), 45)
+        return self.run_async(self._error_page_secret(ERROR_PAGE))
+
+    def test_text_of_the_right_length_is_refused(self) -> Deferred[None]:
+        page = (ERROR_PAGE * 3)[:128]
+        return self.run_async(self._error_page_secret(page))
+
+    async def _cached_error_page(self) -> None:
+        self.seed(secret=ERROR_PAGE)
+        await self.listener.stopListening()
+        config = self.config()
+        await self.start(config)
+        self.assertEqual(config.secret, DEFAULT_PROXY_SECRET)
+        self.assertEqual(config.sources["secret"], "built-in")
+        self.assertEqual(config.sources["config"], "cache")
+        ignored = [e for e in self.warnings() if "ignoring the cached" in e["log_format"]]
+        self.assertEqual(len(ignored), 1)
+        self.assertIn(SECRET_FILE, ignored[0]["path"])
+
+    def test_cached_error_page_is_ignored(self) -> Deferred[None]:
+        return self.run_async(self._cached_error_page())
+
+    async def _no_default_dc(self) -> None:
+        self.seed()
+        # Parses, but lists nothing for DC 2 (the default without a default line).
+        self.site.bodies["/getProxyConfig"] = config_text({4: [("91.108.4.136", 8888)]})
+        config = self.config()
+        await self.start(config)
+        self.assertEqual(config.config_v4, parse_proxy_config(V4))
+        self.assertEqual(config.sources["config"], "cache")
+        self.assertEqual(config.failures, {"config": 1})
+        (warning,) = self.warnings()
+        self.assertIn("default", str(warning["error"]))
+        self.assertEqual((self.state_dir / CONFIG_FILE).read_bytes(), V4)
+
+    def test_config_without_the_default_dc_is_refused(self) -> Deferred[None]:
+        return self.run_async(self._no_default_dc())
+
+
+class RetryTests(ConfigHarness):
+    """
+    A failed (or refused) download is retried within seconds, with backoff.
+    """
+
+    def retry_delays(self) -> list[float]:
+        return [e["delay"] for e in self.observer if "retrying in" in e["log_format"]]
+
+    async def _site_comes_back(self) -> None:
+        for path in PATHS:
+            self.site.status[path] = 503
+        config = self.config()
+        await self.start(config)
+        self.assertEqual(config.sources, dict.fromkeys(config.KINDS, "built-in"))
+        self.site.status.clear()
+        await self.round(config, advance=10)
+        self.assertEqual(config.rounds, 2)
+        self.assertEqual(config.config_v4, parse_proxy_config(V4))
+        self.assertEqual(config.sources["config"], "download")
+        (delay,) = self.retry_delays()
+        self.assertLessEqual(delay, 10)
+
+    def test_failed_start_is_retried_within_seconds(self) -> Deferred[None]:
+        return self.run_async(self._site_comes_back())
+
+    async def _backoff(self) -> None:
+        for path in PATHS:
+            self.site.status[path] = 503
+        config = self.config()
+        await self.start(config)
+        for _ in range(3):
+            await self.round(config, advance=self.retry_delays()[-1])
+        delays = self.retry_delays()
+        self.assertEqual(len(delays), 4)
+        self.assertEqual(config.rounds, 4)
+        for shorter, longer in itertools.pairwise(delays):
+            self.assertLess(shorter, longer)
+        self.assertLess(delays[0], 10)
+        self.assertLessEqual(delays[-1], 600)
+        # One warning per kind for the failed start, not one per attempt.
+        self.assertEqual(len(self.warnings()), 3)
+        # Back: the next round is a normal refresh, and the backoff starts over.
+        self.site.status.clear()
+        await self.round(config, advance=delays[-1])
+        self.assertEqual(config.sources["config"], "download")
+        self.assertEqual(len(self.retry_delays()), 4)
+        self.clock.advance(599)
+        self.assertEqual(config.rounds, 5)
+        self.site.bodies["/getProxySecret"] = ERROR_PAGE
+        await self.round(config, advance=1)
+        self.assertEqual(config.rounds, 6)
+        self.assertEqual(len(self.retry_delays()), 5)
+        self.assertLess(self.retry_delays()[-1], 10)
+
+    def test_backoff_grows_and_resets(self) -> Deferred[None]:
+        return self.run_async(self._backoff())
+
+    async def _refused_once(self) -> None:
+        self.seed()
+        self.site.bodies["/getProxySecret"] = ERROR_PAGE
+        config = self.config()
+        await self.start(config)
+        for _ in range(3):
+            await self.round(config, advance=self.retry_delays()[-1])
+        self.assertEqual(config.rounds, 4)
+        self.assertEqual(config.failures, {"secret": 4})
+        self.assertEqual(config.secret, SECRET)
+        (warning,) = self.warnings()
+        self.assertIn("unusable", warning["log_format"])
+
+    def test_refused_download_warns_once_and_is_retried(self) -> Deferred[None]:
+        return self.run_async(self._refused_once())

@@ -5,9 +5,10 @@ The proxy as a Twisted service: listeners, shared state, orderly shutdown.
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import resource
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
@@ -23,6 +24,12 @@ from mtproxy_tw._twisted import tune_malloc
 from mtproxy_tw.fronting.prober import ProfileService
 from mtproxy_tw.proxy.client import ClientFactory
 from mtproxy_tw.proxy.core import ProxyCore
+from mtproxy_tw.services.descriptors import (
+    AcceptFailures,
+    current_open_file_limit,
+    descriptors_needed,
+    limit_advice,
+)
 from mtproxy_tw.settings import Settings
 
 __all__ = ["ListenError", "ProxyService", "raise_open_file_limit"]
@@ -53,22 +60,46 @@ class ProxyService(MultiService):
     Stopping it closes the listeners at once, then drains: handshakes and
     idle pairs are closed, busy pairs get up to ``drain_timeout`` seconds
     to finish before they are cut.
+
+    :param named_by: how the operator asked for each of ``listen``, for
+        the errors: ``"--port 80"``; by default ``"--listen DESCRIPTION"``.
+    :ivar open_file_limit: raises the open-file limit and returns
+        ``(soft, hard)``; replaceable for tests.
+    :ivar pool_descriptors: descriptors the middle-proxy pools may hold.
     """
 
     log = Logger()
 
-    def __init__(self, settings: Settings, reactor: Any, listen: Sequence[str]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        reactor: Any,
+        listen: Sequence[str],
+        named_by: Sequence[str] | None = None,
+    ) -> None:
         super().__init__()
         self.reactor = reactor
         self.listen = list(listen)
+        self.named_by = (
+            list(named_by) if named_by is not None else [f"--listen {d}" for d in self.listen]
+        )
+        if len(self.named_by) != len(self.listen):
+            raise ValueError("named_by must name every listen description")
+        self.open_file_limit: Callable[[], tuple[int, int]] = raise_open_file_limit
+        self.pool_descriptors = 0
+        #: The soft open-file limit found at start.
+        self.soft_limit: int | None = None
+        self.accept_failures = AcceptFailures(
+            reactor, need=self.descriptors_needed, limit=self._soft_limit
+        )
         self.core = ProxyCore(settings, reactor)
         self.factory = ClientFactory(self.core)
         self.listeners: list[StreamServerEndpointService] = []
-        for description in listen:
+        for description, name in zip(self.listen, self.named_by, strict=True):
             try:
                 endpoint = serverFromString(reactor, description)
             except (ValueError, TypeError, KeyError, IndexError) as e:
-                raise ListenError(f"--listen {description}: not a usable endpoint ({e})") from None
+                raise ListenError(f"{name}: not a usable endpoint ({e})") from None
             listener = StreamServerEndpointService(endpoint, self.factory)
             listener._raiseSynchronously = True  # a port in use must fail the start
             listener.setServiceParent(self)
@@ -87,6 +118,51 @@ class ProxyService(MultiService):
     @property
     def settings(self) -> Settings:
         return self.core.settings
+
+    def descriptors_needed(self) -> int:
+        """
+        Open files ``--max-connections`` clients need at once.
+        """
+        return descriptors_needed(
+            self.settings.max_connections,
+            middle=self.core.middle is not None,
+            pool_connections=self.pool_descriptors,
+            listeners=len(self.listeners),
+        )
+
+    def _check_open_file_limit(self) -> None:
+        """
+        Raise the open-file limit; warn when it stays below the need.
+        """
+        soft, hard = self.open_file_limit()
+        self.soft_limit = soft
+        need = self.descriptors_needed()
+        if soft == resource.RLIM_INFINITY or soft >= need:
+            self.log.info("open file limit: {soft} (hard {hard})", soft=soft, hard=hard)
+            return
+        per_client = 1 if self.core.middle is not None else 2
+        fits = max(0, (soft - (need - per_client * self.settings.max_connections)) // per_client)
+        self.log.warn(
+            "open file limit {soft} (hard {hard}) is below the {need} descriptors "
+            "--max-connections {max_connections} needs ({per_client} per client and "
+            "{spare} more), room for about {fits} clients; {advice}, "
+            "or lower --max-connections",
+            soft=soft,
+            hard=hard,
+            need=need,
+            max_connections=self.settings.max_connections,
+            per_client=per_client,
+            spare=need - per_client * self.settings.max_connections,
+            fits=fits,
+            advice=limit_advice(need),
+        )
+
+    def _soft_limit(self) -> int:
+        return current_open_file_limit() if self.soft_limit is None else self.soft_limit
+
+    def _watch_accepts(self, port: IListeningPort) -> IListeningPort:
+        self.accept_failures.watch(port)
+        return port
 
     def listening(self) -> Deferred[list[IListeningPort]]:
         """
@@ -149,14 +225,24 @@ class ProxyService(MultiService):
         """
         Start every listener now; a failure ends the start with one line.
         """
-        for description, listener in zip(self.listen, self.listeners, strict=True):
+        for name, listener in zip(self.named_by, self.listeners, strict=True):
             if listener._waitingForPort is not None:
                 continue
             try:
                 listener.privilegedStartService()
             except CannotListenError as e:
-                reason = e.socketError.strerror if isinstance(e.socketError, OSError) else e
-                raise ListenError(f"--listen {description}: cannot listen: {reason}") from None
+                error = e.socketError
+                reason = error.strerror if isinstance(error, OSError) else e
+                hint = ""
+                low = isinstance(e.port, int) and 0 < e.port < 1024
+                if low and isinstance(error, OSError) and error.errno == errno.EACCES:
+                    hint = (
+                        " (a port below 1024 needs root or CAP_NET_BIND_SERVICE, e.g. "
+                        "AmbientCapabilities=CAP_NET_BIND_SERVICE in the systemd unit)"
+                    )
+                raise ListenError(f"{name}: cannot listen: {reason}{hint}") from None
+            if listener._waitingForPort is not None:
+                listener._waitingForPort.addCallback(self._watch_accepts)
 
     def privilegedStartService(self) -> None:
         # Listen first: a port below 1024 may need the privileges.
@@ -165,8 +251,7 @@ class ProxyService(MultiService):
 
     def startService(self) -> None:
         self._listen()
-        soft, hard = raise_open_file_limit()
-        self.log.info("open file limit: {soft} (hard {hard})", soft=soft, hard=hard)
+        self._check_open_file_limit()
         if not tune_malloc():
             self.log.info("malloc thresholds not tuned (not glibc)")
         self.core.draining = False
@@ -184,6 +269,7 @@ class ProxyService(MultiService):
         if self._stats_loop.running:
             self._stats_loop.stop()
             self.log_stats()
+        self.accept_failures.stop()
         stopped: Deferred[Any] = super().stopService() or succeed(None)
         return stopped.addCallback(lambda _: self._drain())
 

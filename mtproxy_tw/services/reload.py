@@ -91,7 +91,13 @@ class SecretsReloader(Service):
             return False
         secrets = self.fixed + tuple(loaded)
         if not secrets:
-            self.log.error("--secrets-file not reloaded: it holds no secret")
+            self.log.error(
+                "--secrets-file not reloaded: {path} lists no secrets and there is no "
+                "--secret, so nobody could connect; the {count} secrets in use stay "
+                "(stop the proxy to shut everyone out)",
+                path=str(self.path),
+                count=len(self.proxy.settings.secrets),
+            )
             return False
         old = self.proxy.settings
         before = {s.name: s for s in old.secrets}
@@ -105,5 +111,14 @@ class SecretsReloader(Service):
             added=len(added),
             gone=len(gone),
         )
+        file_users = set(before) - {s.name for s in self.fixed}
+        if not loaded and file_users:
+            self.log.warn(
+                "--secrets-file: {path} lists no secrets: all {removed} of its users were "
+                "removed; only the {count} --secret ones can connect",
+                path=str(self.path),
+                removed=len(file_users),
+                count=len(self.fixed),
+            )
         self.announce(added)
         return True

@@ -18,11 +18,13 @@ __all__ = [
     "DEFAULT_DC",
     "FALLBACK_CONFIG_V4",
     "FALLBACK_CONFIG_V6",
+    "PROXY_SECRET_SIZE",
     "ConfigError",
     "Endpoint",
     "ProxyConfig",
     "format_proxy_config",
     "parse_proxy_config",
+    "validate_proxy_config",
     "validate_proxy_secret",
 ]
 
@@ -35,7 +37,10 @@ _DC_RANGE = (-32768, 32767)
 _MIN_CONNECTIONS_RANGE = (1, 1000)
 _MAX_CONNECTIONS_RANGE = (1, 1000)
 _TIMEOUT_RANGE = (10, 30000)
-_SECRET_SIZES = (32, 256)
+#: The length of Telegram's proxy secret, the getProxySecret body (section 8.3).
+PROXY_SECRET_SIZE = 128
+#: Bytes of ASCII text: printable characters, tab, newline, carriage return.
+_TEXT_BYTES = frozenset(range(0x20, 0x7F)) | {0x09, 0x0A, 0x0D}
 
 _TOKEN = re.compile(r"#[^\n]*|;|[^\s;#]+")
 _INT = re.compile(r"-?[0-9]{1,10}")
@@ -213,13 +218,46 @@ def format_proxy_config(config: ProxyConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
+def validate_proxy_config(text: str | bytes) -> ProxyConfig:
+    """
+    Parse a downloaded or cached config that is to replace the one in use.
+
+    Besides parsing, it must list middle proxies for its default DC (the
+    ``default`` line, else :data:`DEFAULT_DC`): clients of unknown DCs go there.
+    """
+    config = parse_proxy_config(text)
+    if not config.clusters.get(config.default_dc):
+        raise ConfigError(f"no proxy_for line for the default DC {config.default_dc}")
+    return config
+
+
+def _looks_like_text(data: bytes) -> bool:
+    """
+    Whether ``data`` reads as text (an error page) rather than key material.
+
+    Random bytes are about 38 % ASCII text and almost never valid UTF-8.
+    """
+    if sum(byte in _TEXT_BYTES for byte in data) * 10 >= len(data) * 9:
+        return True
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return all(char.isprintable() or char in "\t\n\r" for char in text)
+
+
 def validate_proxy_secret(data: bytes) -> bytes:
     """
-    Check a getProxySecret body (32..256 bytes) and return it.
+    Check a getProxySecret body and return it.
+
+    Telegram's proxy secret is :data:`PROXY_SECRET_SIZE` bytes of key
+    material: any other length, or text (an HTML error page answered with
+    200 OK), is refused. The message never shows the bytes.
     """
-    low, high = _SECRET_SIZES
-    if not low <= len(data) <= high:
-        raise ConfigError(f"proxy secret must be {low}..{high} bytes, got {len(data)}")
+    if len(data) != PROXY_SECRET_SIZE:
+        raise ConfigError(f"proxy secret must be {PROXY_SECRET_SIZE} bytes, got {len(data)}")
+    if _looks_like_text(data):
+        raise ConfigError("proxy secret is text (an error page?), not key material")
     return data
 
 
