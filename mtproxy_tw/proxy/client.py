@@ -25,7 +25,7 @@ from twisted.internet.interfaces import (
     IDelayedCall,
     IHalfCloseableProtocol,
 )
-from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -39,7 +39,7 @@ from mtproxy_tw.proxy.legs import Leg, close_peer
 from mtproxy_tw.proxy.states import NEXT, State
 from mtproxy_tw.wire import faketls, obfuscated2, proxyprotocol
 
-__all__ = ["ClientFactory", "ClientProtocol", "MiddleSession", "MiddleUpstream", "State"]
+__all__ = ["ClientProtocol", "MiddleSession", "MiddleUpstream", "State"]
 
 
 def _discard(data: bytes) -> None:
@@ -439,17 +439,3 @@ class ClientProtocol(Protocol):
             self._close()
             return True
         return False
-
-
-class ClientFactory(Factory):
-    """
-    Builds a :class:`ClientProtocol` for every accepted connection.
-    """
-
-    noisy = False
-
-    def __init__(self, core: ProxyCore) -> None:
-        self.core = core
-
-    def buildProtocol(self, addr: Any) -> ClientProtocol:
-        return ClientProtocol(self.core)

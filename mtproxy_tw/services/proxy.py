@@ -17,12 +17,13 @@ from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from mtproxy_tw._twisted import tune_malloc
 from mtproxy_tw.fronting.prober import ProfileService
-from mtproxy_tw.proxy.client import ClientFactory
+from mtproxy_tw.proxy.client import ClientProtocol
 from mtproxy_tw.proxy.core import ProxyCore
 from mtproxy_tw.services.descriptors import (
     AcceptFailures,
@@ -33,6 +34,21 @@ from mtproxy_tw.services.descriptors import (
 from mtproxy_tw.settings import Settings
 
 __all__ = ["ListenError", "ProxyService", "raise_open_file_limit"]
+
+
+class ClientFactory(Factory):
+    """
+    Builds a :class:`ClientProtocol` for every accepted connection, with the
+    core current at the time (a reload swaps it; connections keep theirs).
+    """
+
+    noisy = False
+
+    def __init__(self, core: ProxyCore) -> None:
+        self.core = core
+
+    def buildProtocol(self, addr: Any) -> ClientProtocol:
+        return ClientProtocol(self.core)
 
 
 class ListenError(SystemExit):
