@@ -30,6 +30,7 @@ from mtproxy_tw.wire.rpc import (
     RPCError,
     SimpleAck,
     UnknownMessage,
+    messages,
 )
 
 # -- section 11.4 inputs -----------------------------------------------------------------------
@@ -331,11 +332,11 @@ class ProxyReqTests(SynchronousTestCase):
 
     def test_tl_strings(self) -> None:
         for size in (0, 1, 3, 4, 253, 254, 1000):
-            encoded = rpc._tl_string(b"\xab" * size)
+            encoded = messages._tl_string(b"\xab" * size)
             self.assertEqual(len(encoded) % 4, 0)
-            self.assertEqual(rpc._parse_tl_string(encoded, 0), b"\xab" * size)
+            self.assertEqual(messages._parse_tl_string(encoded, 0), b"\xab" * size)
         for bad in (b"", b"\xff\x00\x00\x00", b"\xfe\x01", b"\x05abcd", b"\xfe\x05\x00\x00abcd"):
-            self.assertRaises(RPCError, rpc._parse_tl_string, bad, 0)
+            self.assertRaises(RPCError, messages._parse_tl_string, bad, 0)
 
     def test_bad_arguments(self) -> None:
         self.assertRaises(ValueError, _proxy_req, data=b"abc")
@@ -404,7 +405,7 @@ class MessageTests(SynchronousTestCase):
 
     @settings(max_examples=200)
     @given(
-        st.sampled_from(sorted(rpc._PARSERS)).map(lambda t: struct.pack("<I", t)),
+        st.sampled_from(sorted(messages._PARSERS)).map(lambda t: struct.pack("<I", t)),
         st.binary(max_size=100),
     )
     def test_random_bodies(self, head: bytes, body: bytes) -> None:

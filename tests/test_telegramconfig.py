@@ -25,16 +25,10 @@ from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from mtproxy_tw._fakemiddle import FakeConfigServer, config_text
-from mtproxy_tw.telegramconfig import (
-    CONFIG_FILE,
-    CONFIG_V6_FILE,
-    DEFAULT_PROXY_SECRET,
-    SECRET_FILE,
-    FetchError,
-    TelegramConfig,
-    fetch,
-)
+from mtproxy_tw.middle.cache import CONFIG_FILE, CONFIG_V6_FILE, SECRET_FILE
+from mtproxy_tw.middle.fetch import FetchError, fetch
+from mtproxy_tw.middle.telegramconfig import DEFAULT_PROXY_SECRET, TelegramConfig
+from mtproxy_tw.testing import FakeConfigServer, config_text
 from mtproxy_tw.wire.proxyconfig import FALLBACK_CONFIG_V4, FALLBACK_CONFIG_V6, parse_proxy_config
 
 reactor: Any = _reactor

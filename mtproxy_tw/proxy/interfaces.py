@@ -50,7 +50,7 @@ class MiddleSession(TypingProtocol):
 
 class MiddleUpstream(TypingProtocol):
     """
-    Opens middle-proxy sessions; see :mod:`mtproxy_tw.middle`.
+    Opens middle-proxy sessions; see :mod:`mtproxy_tw.middle.upstream`.
     """
 
     def attach(self, client: ClientProtocol, dc: int, tag: bytes) -> MiddleSession: ...

@@ -10,36 +10,34 @@ secret is only a *candidate* until a middle proxy accepts a handshake made
 with it (:meth:`TelegramConfig.secret_accepted`); a refusal
 (:meth:`TelegramConfig.secret_refused`) drops it and the proven one stays.
 
-Good copies are saved in the state directory and loaded at start (through
-the same checks), so a proxy whose network cannot reach core.telegram.org
-still starts with what it had. The built-in snapshots are the last resort.
+Good copies are saved in the state directory
+(:class:`~mtproxy_tw.middle.cache.ConfigCache`) and loaded at start (through
+the same checks). The built-in snapshots are the last resort.
 Start-up never waits for a download. After a round with a failed or
 refused download the round is retried with an exponential backoff (from
 :data:`RETRY_INITIAL` seconds up to ``refresh``), reset after a good round.
 
-The ``Date`` header of every answer is compared with the local clock: a
-middle proxy rejects a handshake from a clock more than 30 s off, and fake
-TLS checks client timestamps against it, so a large skew is logged.
+The ``Date`` header of every answer is checked against the local clock
+(:class:`~mtproxy_tw.middle.clock.ClockCheck`).
 """
 
 from __future__ import annotations
 
-import email.utils
-import os
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from twisted.application.internet import backoffPolicy
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
+from mtproxy_tw.config.schema import default
+from mtproxy_tw.middle.cache import ConfigCache
+from mtproxy_tw.middle.clock import ClockCheck
+from mtproxy_tw.middle.fetch import Fetched, default_http_client, describe, fetch
 from mtproxy_tw.wire.proxyconfig import (
     FALLBACK_CONFIG_V4,
     FALLBACK_CONFIG_V6,
@@ -48,32 +46,21 @@ from mtproxy_tw.wire.proxyconfig import (
     validate_proxy_config,
     validate_proxy_secret,
 )
-from mtproxy_tw.wire.rpc import MAX_CLOCK_SKEW
 
 __all__ = [
-    "CONFIG_FILE",
-    "CONFIG_V6_FILE",
     "DEFAULT_PROXY_SECRET",
     "PROXY_CONFIG_URL",
     "PROXY_CONFIG_V6_URL",
     "PROXY_SECRET_URL",
+    "RETRY_FACTOR",
     "RETRY_INITIAL",
-    "SECRET_FILE",
-    "FetchError",
-    "Fetched",
     "TelegramConfig",
-    "default_http_client",
-    "fetch",
 ]
 
-PROXY_CONFIG_URL = "https://core.telegram.org/getProxyConfig"
-PROXY_CONFIG_V6_URL = "https://core.telegram.org/getProxyConfigV6"
-PROXY_SECRET_URL = "https://core.telegram.org/getProxySecret"
+PROXY_CONFIG_URL: str = default("proxy-config-url")
+PROXY_CONFIG_V6_URL: str = default("proxy-config-v6-url")
+PROXY_SECRET_URL: str = default("proxy-secret-url")
 
-#: Cached copies in the state directory.
-CONFIG_FILE = "proxy-config.txt"
-CONFIG_V6_FILE = "proxy-config-v6.txt"
-SECRET_FILE = "proxy-secret.bin"
 
 #: The getProxySecret body as published (and embedded by other proxies).
 DEFAULT_PROXY_SECRET = bytes.fromhex(
@@ -83,118 +70,10 @@ DEFAULT_PROXY_SECRET = bytes.fromhex(
     "54c490b079e31bef82ff0ee8f2b0a32756d249c5f21269816cb7061b265db212"
 )
 
-#: Largest body accepted from any of the URLs.
-MAX_BODY = 1 << 20
-#: Fake TLS accepts client timestamps this far from the local clock (section 13.2).
-FAKE_TLS_WINDOW = 300
 #: Seconds before the first retry of a failed round; each further failure
 #: multiplies it by RETRY_FACTOR, up to the refresh interval.
 RETRY_INITIAL = 5.0
 RETRY_FACTOR = 2.0
-
-
-class FetchError(Exception):
-    """
-    A download failed: HTTP status, size, or the connection.
-    """
-
-
-@dataclass(frozen=True, slots=True)
-class Fetched:
-    """
-    A downloaded body and the server's clock (``Date`` header) if it sent one.
-    """
-
-    body: bytes
-    server_time: float | None
-
-
-def default_http_client(reactor: Any) -> Any:
-    """
-    A treq client whose HTTPS connections verify certificates (the Agent default).
-    """
-    from treq.client import HTTPClient
-    from twisted.web.client import Agent
-
-    return HTTPClient(Agent(reactor))
-
-
-def _server_time(headers: Any) -> float | None:
-    values = headers.getRawHeaders(b"date") or []
-    for value in values:
-        try:
-            return email.utils.parsedate_to_datetime(value.decode("latin-1")).timestamp()
-        except (TypeError, ValueError, IndexError):
-            continue
-    return None
-
-
-def fetch(
-    http_client: Any, url: str, *, clock: IReactorTime, timeout: float, limit: int = MAX_BODY
-) -> Deferred[Fetched]:
-    """
-    GET ``url`` with a treq-like client; fails unless the answer is 200 and small.
-
-    ``timeout`` covers the whole exchange, body included.
-    """
-    import treq
-
-    async def run() -> Fetched:
-        response = await http_client.get(url, unbuffered=True, reactor=clock)
-        if response.code != 200:
-            response.deliverBody(_Discard())
-            raise FetchError(f"HTTP status {response.code}")
-        chunks: list[bytes] = []
-        size = 0
-
-        def collect(data: bytes) -> None:
-            nonlocal size
-            size += len(data)
-            if size > limit:
-                raise FetchError(f"body larger than {limit} bytes")
-            chunks.append(data)
-
-        await treq.collect(response, collect)
-        return Fetched(b"".join(chunks), _server_time(response.headers))
-
-    d: Deferred[Fetched] = ensureDeferred(run())
-    expired: list[bool] = []
-
-    def expire() -> None:
-        expired.append(True)
-        d.cancel()
-
-    timer = clock.callLater(timeout, expire)
-
-    def finished(result: Any) -> Any:
-        if timer.active():
-            timer.cancel()
-        if expired and isinstance(result, Failure):
-            raise FetchError(f"timed out after {timeout:g} s")
-        return result
-
-    return d.addBoth(finished)
-
-
-class _Discard(Protocol):
-    """
-    A body protocol that drops the connection instead of reading the body.
-    """
-
-    transport: Any
-
-    def connectionMade(self) -> None:
-        self.transport.stopProducing()
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        pass
-
-
-def _describe(failure: Failure) -> str:
-    reasons = getattr(failure.value, "reasons", None)
-    if isinstance(reasons, list) and reasons and isinstance(reasons[0], Failure):
-        failure = reasons[0]
-    return failure.getErrorMessage() or repr(failure.value)
 
 
 class TelegramConfig(Service):
@@ -233,6 +112,7 @@ class TelegramConfig(Service):
     ) -> None:
         self.reactor = reactor
         self.state_dir = state_dir
+        self.cache = ConfigCache(state_dir)
         self.urls = {"config": config_url, "config_v6": config_v6_url, "secret": secret_url}
         self.refresh_interval = refresh
         self.timeout = timeout
@@ -257,7 +137,7 @@ class TelegramConfig(Service):
         self._refused: tuple[bytes, float] | None = None
         self._inflight: Deferred[Any] | None = None
         self._round_waiters: list[Deferred[None]] = []
-        self._skew_warned = False
+        self._clock = ClockCheck(reactor)
 
     @property
     def http_client(self) -> Any:
@@ -266,13 +146,6 @@ class TelegramConfig(Service):
         return self._http_client
 
     # -- the cache
-
-    def _path(self, kind: str) -> Path | None:
-        if self.state_dir is None:
-            return None
-        name = {"config": CONFIG_FILE, "config_v6": CONFIG_V6_FILE, "secret": SECRET_FILE}
-        return self.state_dir / name[kind]
-
     def load_cached(self) -> None:
         """
         Use the copies saved by earlier runs; a missing or bad file is skipped.
@@ -280,35 +153,16 @@ class TelegramConfig(Service):
         A cached file goes through the same checks as a download.
         """
         for kind in self.KINDS:
-            path = self._path(kind)
-            if path is None:
-                continue
-            try:
-                data = path.read_bytes()
-            except FileNotFoundError:
-                continue
-            except OSError as e:
-                self.log.warn("cannot read {path}: {error}", path=str(path), error=e.strerror)
+            data = self.cache.read(kind)
+            if data is None:
                 continue
             try:
                 self._install(kind, self._validate(kind, data))
             except ConfigError as e:
-                self.log.warn("ignoring the cached {path}: {error}", path=str(path), error=e)
+                path = str(self.cache.path(kind))
+                self.log.warn("ignoring the cached {path}: {error}", path=path, error=e)
                 continue
             self.sources[kind] = "cache"
-
-    def _save(self, kind: str, data: bytes) -> None:
-        path = self._path(kind)
-        if path is None:
-            return
-        temporary = path.with_name(path.name + ".tmp")
-        try:
-            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(temporary, path)
-        except OSError as e:
-            self.log.warn("cannot save {path}: {error}", path=str(path), error=e.strerror)
 
     @staticmethod
     def _validate(kind: str, data: bytes) -> Any:
@@ -357,7 +211,7 @@ class TelegramConfig(Service):
         self.candidate = None
         self._install("secret", secret)
         self.sources["secret"] = "download"
-        self._save("secret", secret)
+        self.cache.save("secret", secret)
         self._changed("secret")
 
     def secret_refused(self, secret: bytes, reason: str) -> None:
@@ -394,7 +248,7 @@ class TelegramConfig(Service):
                 self.candidate = None
             if self.sources["secret"] != "download":
                 self.sources["secret"] = "download"
-                self._save("secret", secret)
+                self.cache.save("secret", secret)
             return
         if secret == self.candidate:
             return
@@ -511,7 +365,7 @@ class TelegramConfig(Service):
             else:
                 good = False
                 self.failures[kind] += 1
-                error = _describe(result)
+                error = describe(result)
                 self._warn(
                     kind,
                     error,
@@ -519,7 +373,7 @@ class TelegramConfig(Service):
                     "downloading {url} failed ({error}); keeping the {source} copy",
                 )
         if times:
-            self._check_clock(max(times))
+            self.clock_skew = self._clock.compare(max(times))
         return good
 
     def _warn(self, kind: str, error: str, retry: bool, text: str) -> None:
@@ -563,27 +417,7 @@ class TelegramConfig(Service):
         fresh = self.sources[kind] != "download"
         self.sources[kind] = "download"
         if changed or fresh:
-            self._save(kind, fetched.body)
+            self.cache.save(kind, fetched.body)
         if changed:
             self._changed(kind)
         return True
-
-    def _check_clock(self, server_time: float) -> None:
-        # The Date header has a resolution of one second.
-        skew = server_time - self.reactor.seconds()
-        self.clock_skew = skew
-        if abs(skew) <= MAX_CLOCK_SKEW + 1:
-            if self._skew_warned:
-                self.log.info("the local clock agrees with Telegram's again")
-            self._skew_warned = False
-            return
-        self._skew_warned = True
-        effects = "middle proxies will reject the handshake"
-        if abs(skew) > FAKE_TLS_WINDOW:
-            effects += " and fake-TLS clients will be refused"
-        self.log.warn(
-            "the local clock is {skew:.0f} s {direction} Telegram's: {effects}; fix the clock",
-            skew=abs(skew),
-            direction="behind" if skew > 0 else "ahead of",
-            effects=effects,
-        )
