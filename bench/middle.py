@@ -51,8 +51,8 @@ from _common import (
 )
 from twisted.internet import defer
 
-from mtproxy_tw._fakemiddle import FakeConfigServer, FakeMEProtocol, FakeMiddleProxy, config_text
 from mtproxy_tw._twisted import tune_malloc
+from mtproxy_tw.testing import FakeConfigServer, FakeMEProtocol, FakeMiddleProxy, config_text
 from mtproxy_tw.wire import rpc
 from mtproxy_tw.wire.secrets import Mode, Secret
 from mtproxy_tw.wire.transports import codec_for_tag

@@ -6,7 +6,6 @@ for good clients, -> FakeSite (the mask host) for everyone else.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import os
 import random
 import socket
@@ -17,28 +16,30 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
-from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.protocol import Factory
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
-from twisted.python.failure import Failure
 
-from mtproxy_tw._fakesite import BAD_REQUEST, FakeSite, SiteConnection
 from mtproxy_tw.fronting.profile import Observation, TLSProfile, parse_server_answer
 from mtproxy_tw.proxy import client as relay
 from mtproxy_tw.proxy import legs
 from mtproxy_tw.services.proxy import ProxyService
 from mtproxy_tw.settings import Settings
 from mtproxy_tw.testing import (
+    BAD_REQUEST,
     FakeDC,
-    PacketQueue,
+    FakeSite,
+    FakeTLSClient,
     RawClient,
-    buffered_bytes,
+    SiteConnection,
+    connect_protocol,
     connect_raw,
     make_codec,
 )
+from mtproxy_tw.testing.tlsclient import CCS, TDLIB_RECORD, records
 from mtproxy_tw.wire import faketls
 from mtproxy_tw.wire.dcs import Address, DCTable
-from mtproxy_tw.wire.faketls import NeedMore, TLSError, build_client_hello, check_server_hello
+from mtproxy_tw.wire.faketls import NeedMore, build_client_hello
 from mtproxy_tw.wire.obfuscated2 import TAG_INTERMEDIATE, TAG_PADDED, generate_init
 from mtproxy_tw.wire.secrets import Mode, Secret, parse_secret
 from tests.test_integration import (
@@ -54,27 +55,12 @@ from tests.test_integration import (
 DOMAIN = "example.com"
 EE = parse_secret("erin=ee" + "e5" * 16 + DOMAIN.encode().hex(), "x")
 HTTP_REQUEST = b"GET / HTTP/1.1\r\nHost: example.com\r\nUser-Agent: probe\r\n\r\n"
-CCS = b"\x14\x03\x03\x00\x01\x01"
-#: The largest record payload tdlib sends (``MAX_TLS_PACKET_LENGTH``).
-TDLIB_RECORD = 2878
 MiB = 1 << 20
 
 
 def _payload(size: int) -> bytes:
     # Never 8 zero bytes in front: the FakeDC would read MTProto.
     return (b"\x01" + os.urandom(size))[:size]
-
-
-def _records(data: bytes, size: int) -> bytes:
-    """
-    ``data`` as ApplicationData records of at most ``size`` bytes, as a
-    client sends them.
-    """
-    out = bytearray()
-    for pos in range(0, len(data), size):
-        chunk = data[pos : pos + size]
-        out += b"\x17\x03\x03" + len(chunk).to_bytes(2, "big") + chunk
-    return bytes(out)
 
 
 def _app_data_len(flight: bytes) -> int:
@@ -84,154 +70,6 @@ def _app_data_len(flight: bytes) -> int:
     at = 5 + int.from_bytes(flight[3:5], "big") + len(CCS)
     assert flight[at : at + 3] == b"\x17\x03\x03", flight[at : at + 5].hex()
     return int.from_bytes(flight[at + 3 : at + 5], "big")
-
-
-class FakeTLSClient(PacketQueue, Protocol):
-    """
-    A Telegram app's fake-TLS connection, the way tdlib makes it.
-
-    It sends a ClientHello signed with ``key``, checks the proxy's flight,
-    then sends ``14 03 03 00 01 01`` and the obfuscated2 init (padded
-    intermediate) followed by packets, all inside ``17 03 03`` records of at
-    most :attr:`record_size` bytes. What comes back is read out of the
-    records, decrypted and unframed into packets.
-
-    :ivar answered: fires with the ServerHello flight, or fails with the
-        :class:`TLSError` that the flight raised.
-    :ivar record_sizes: the payload size of every record received after it.
-    :ivar bad_records: record headers that were not ``17 03 03`` and at most
-        16384 bytes long (the connection is aborted at the first one).
-    """
-
-    transport: Any
-
-    def __init__(
-        self,
-        key: bytes,
-        domain: str = DOMAIN,
-        dc: int = 2,
-        *,
-        mlkem: bool = False,
-        timestamp: int | None = None,
-        hello: bytes | None = None,
-        record_size: int = TDLIB_RECORD,
-    ) -> None:
-        super().__init__()
-        self.key = key
-        if hello is None:
-            ts = int(time.time()) if timestamp is None else timestamp
-            hello = build_client_hello(key, domain, ts, mlkem=mlkem)
-        self.hello = hello
-        self.client_random = hello[11:43]
-        self.init = generate_init(TAG_PADDED, dc, secret=key)
-        self.codec = make_codec(TAG_PADDED)
-        self.record_size = record_size
-        self.received = bytearray()
-        self.flight: bytes | None = None
-        self.answered: Deferred[bytes] = Deferred()
-        self.record_sizes: list[int] = []
-        self.bad_records: list[bytes] = []
-        self.lost: Deferred[None] = Deferred()
-        self.started = False
-        self._buffer = bytearray()
-
-    # -- connection
-
-    def connectionMade(self) -> None:
-        self.transport.setTcpNoDelay(True)
-        self.transport.write(self.hello)
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received += data
-        self._buffer += data
-        if self.flight is None:
-            try:
-                end = check_server_hello(bytes(self._buffer), self.key, self.client_random)
-            except TLSError as e:
-                self.answered.errback(e)
-                self.transport.abortConnection()
-                return
-            if isinstance(end, NeedMore):
-                return
-            self.flight = bytes(self._buffer[:end])
-            del self._buffer[:end]
-            self.answered.callback(self.flight)
-        self._read_records()
-
-    def _read_records(self) -> None:
-        buf = self._buffer
-        pos = 0
-        payloads = []
-        while len(buf) - pos >= 5:
-            header = bytes(buf[pos : pos + 5])
-            size = int.from_bytes(header[3:], "big")
-            if header[:3] != b"\x17\x03\x03" or not 0 < size <= faketls.MAX_OUTGOING_PAYLOAD:
-                self.bad_records.append(header)
-                self.transport.abortConnection()
-                return
-            if len(buf) - pos < 5 + size:
-                break
-            self.record_sizes.append(size)
-            payloads.append(bytes(buf[pos + 5 : pos + 5 + size]))
-            pos += 5 + size
-        del buf[:pos]
-        if not payloads:
-            return
-        for packet in self.codec.feed(self.init.decryptor.update(b"".join(payloads))):
-            self.deliver(packet.payload)
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if not self.answered.called:
-            self.answered.errback(reason)
-        self.fail_waiting(reason)
-        self.lost.callback(None)
-
-    # -- sending
-
-    def wire(self, payload: bytes | None = None, record_size: int | None = None) -> bytes:
-        """
-        The bytes that send one packet (none: just the init, first time),
-        in records; the first call adds the ChangeCipherSpec and the init.
-        """
-        stream = b""
-        if payload is not None:
-            stream = self.init.encryptor.update(self.codec.encode(payload))
-        head = b""
-        if not self.started:
-            self.started = True
-            head = CCS
-            stream = self.init.wire + stream
-        return head + _records(stream, record_size or self.record_size)
-
-    def start(self) -> None:
-        self.transport.write(self.wire())
-
-    def send(self, payload: bytes, record_size: int | None = None) -> None:
-        self.transport.write(self.wire(payload, record_size))
-
-    async def send_in_pieces(self, data: bytes, cuts: list[int]) -> None:
-        """
-        Write ``data`` cut at ``cuts``, each piece flushed to the socket
-        before the next is written, so the proxy reads them separately.
-        """
-        bounds = [0, *sorted(c for c in cuts if 0 < c < len(data)), len(data)]
-        for start, end in itertools.pairwise(bounds):
-            self.transport.write(data[start:end])
-            deadline = reactor.seconds() + 5.0
-            while buffered_bytes(self.transport) and reactor.seconds() < deadline:
-                await deferLater(reactor, 0, lambda: None)
-            # One more turn for the proxy to read what just left.
-            await deferLater(reactor, 0, lambda: None)
-
-
-class _Given(Factory):
-    noisy = False
-
-    def __init__(self, protocol: Protocol) -> None:
-        self.given = protocol
-
-    def buildProtocol(self, addr: Any) -> Protocol:
-        return self.given
 
 
 def _proxy_calls() -> list[IDelayedCall]:
@@ -311,7 +149,7 @@ class FrontingHarness(ProxyHarness):
 
     async def tls_client(self, key: bytes = EE.key, **kwargs: Any) -> FakeTLSClient:
         client = FakeTLSClient(key, **kwargs)
-        await connect_protocol(self.port, client)
+        await connect_protocol(reactor, LOCAL, self.port, client)
         self.addCleanup(self._abort_tls, client)
         return client
 
@@ -353,12 +191,6 @@ class FrontingHarness(ProxyHarness):
             "the site's answer to reach the client",
         )
         self.assertEqual(bytes(client.received), bytes(conn.sent))
-
-
-async def connect_protocol(port: int, protocol: Protocol) -> None:
-    from twisted.internet.endpoints import TCP4ClientEndpoint
-
-    await TCP4ClientEndpoint(reactor, LOCAL, port).connect(_Given(protocol))
 
 
 class RealTLSClientTests(FrontingHarness):
@@ -460,7 +292,7 @@ class FakeTLSRelayTests(FrontingHarness):
         client = FakeTLSClient(EE.key)
         payload = _payload(1000)
         client.hello = client.hello + client.wire(payload)
-        await connect_protocol(self.port, client)
+        await connect_protocol(reactor, LOCAL, self.port, client)
         self.addCleanup(self._abort_tls, client)
         await self.within(client.answered)
         self.assertEqual(await self.within(client.receive()), payload)
@@ -474,7 +306,7 @@ class FakeTLSRelayTests(FrontingHarness):
         await self.start(site=site)
         client = FakeTLSClient(EE.key, mlkem=True)
         hello, client.hello = client.hello, b""
-        await connect_protocol(self.port, client)
+        await connect_protocol(reactor, LOCAL, self.port, client)
         self.addCleanup(self._abort_tls, client)
         await client.send_in_pieces(hello, [1, 3, 5, 9, 100, len(hello) - 1])
         await self.within(client.answered)
@@ -597,7 +429,7 @@ class BadClientTests(FrontingHarness):
         site = await self.site()
         await self.start(site=site)
         client = await self.answered()
-        client.transport.write(CCS + _records(os.urandom(64), TDLIB_RECORD))
+        client.transport.write(CCS + records(os.urandom(64), TDLIB_RECORD))
         await self.within(client.lost)
         self.assertEqual(self.stats.rejected, {"tls-bad-init": 1})
         self.assertEqual(self.stats.fronted, {})

@@ -19,7 +19,6 @@ from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from mtproxy_tw._fakesite import FakeSite
 from mtproxy_tw.fronting.prober import ProfileProber
 from mtproxy_tw.fronting.profile import (
     Observation,
@@ -27,6 +26,7 @@ from mtproxy_tw.fronting.profile import (
     fallback_size,
     parse_server_answer,
 )
+from mtproxy_tw.testing import FakeSite
 from mtproxy_tw.wire.faketls import NeedMore, TLSError, build_server_hello
 from tests.test_integration import LOCAL, reactor
 
