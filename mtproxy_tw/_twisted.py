@@ -1,16 +1,27 @@
 """
-Writing on the hot path without Twisted's buffered round trip.
+The one seam into Twisted's internals.
 
-``transport.write()`` on an idle TCP transport only queues the bytes and asks
-the reactor to watch for writability: two ``epoll_ctl`` calls and an extra
-loop turn per chunk. When nothing is queued, :func:`write` sends at once and
-hands only the unsent rest to ``write()``, which keeps Twisted's ordering,
-flow control and error handling for everything that does not fit.
+Everything here leans on something Twisted does not promise: attributes of
+``twisted.internet.abstract.FileDescriptor`` and ``tcp.Port`` that are not
+part of any interface, or the texts of its log events. Nothing else in
+:mod:`mtproxy_tw` touches them. ``tests/test_twisted_seam.py`` has one test
+per assumption, run against the installed Twisted, so an upgrade that
+breaks one fails a test named after it; ``tox.ini`` runs the suite on the
+lowest Twisted ``setup.cfg`` accepts and on the latest.
 
-It reads private attributes of ``twisted.internet.abstract.FileDescriptor``
-(``dataBuffer``, ``_tempDataLen``, ``socket``); a transport without them
-falls back to plain ``write()``. ``setup.cfg`` bounds the Twisted version and
-``tests/test_twisted_seam.py`` checks the assumption on the installed one.
+The hot path. ``transport.write()`` on an idle TCP transport only queues
+the bytes and asks the reactor to watch for writability: two ``epoll_ctl``
+calls and an extra loop turn per chunk. When nothing is queued,
+:func:`write` sends at once and hands only the unsent rest to ``write()``,
+which keeps Twisted's ordering, flow control and error handling for
+everything that does not fit. It does so only on a plain TCP connection
+(:func:`plain_tcp`): on anything wrapped around one (TLS, ``haproxy:``, any
+``ProtocolWrapper``) the bytes must go through the wrapper, so it calls
+``write()``.
+
+Accept failures. ``tcp.Port`` logs one event per connection it cannot
+accept; :func:`route_accept_log` sends one port's events to an observer
+that counts them (:class:`mtproxy_tw.services.descriptors.AcceptFailures`).
 """
 
 from __future__ import annotations
@@ -20,46 +31,116 @@ import ctypes
 import ctypes.util
 from typing import Any
 
-__all__ = ["READ_SIZE", "buffered", "no_delay", "set_read_size", "tune_malloc", "write"]
+from twisted.internet import tcp
+from twisted.internet.interfaces import ISSLTransport
+from twisted.logger import ILogObserver, Logger
+from twisted.protocols.policies import ProtocolWrapper
+
+__all__ = [
+    "ACCEPT_FAILED",
+    "EMFILE_CLOSED",
+    "EMFILE_NOISE",
+    "READ_SIZE",
+    "buffered",
+    "no_delay",
+    "plain_tcp",
+    "route_accept_log",
+    "set_read_size",
+    "tune_malloc",
+    "write",
+]
 
 
 #: Bytes read per ``dataReceived`` and the write-buffer size at which a
 #: transport pauses its producer: large reads amortise the per-call costs.
 READ_SIZE = 1 << 18
 
+#: The transports of connections the reactor accepted or made over TCP.
+_PLAIN_TCP = (tcp.Server, tcp.Client)
+
+#: What ``tcp.Port`` logs, at info, for each connection it could not accept
+#: (``twisted.internet.tcp._accept``): an ``accept`` that failed, the client
+#: waiting in the backlog; and, out of descriptors, a client accepted on
+#: Twisted's reserve descriptor and closed unserved, with two more lines
+#: around each burst of those.
+ACCEPT_FAILED = "Could not accept new connection ({acceptError})"
+EMFILE_CLOSED = "EMFILE recovery: Closed socket from {address}"
+EMFILE_NOISE = frozenset(
+    {
+        "EMFILE encountered; releasing reserved file descriptor.",
+        "Re-reserving EMFILE recovery file descriptor.",
+    }
+)
+
+
+def plain_tcp(transport: object) -> bool:
+    """
+    Whether ``transport`` is the reactor's own TCP connection, with nothing
+    wrapped around it or started inside it (``startTLS``).
+
+    The class is checked exactly: a subclass may write differently.
+    """
+    return type(transport) in _PLAIN_TCP and not ISSLTransport.providedBy(transport)
+
+
+def _beneath(transport: object) -> object:
+    """
+    The plain TCP connection under ``transport``'s wrappers, else ``transport``.
+    """
+    while isinstance(transport, ProtocolWrapper) and transport.transport is not None:
+        transport = transport.transport
+    return transport
+
 
 def set_read_size(transport: Any) -> None:
-    if hasattr(transport, "bufferSize"):
+    """
+    Read up to :data:`READ_SIZE` bytes at a time, and let that much queue
+    before the producer is paused, on the TCP connection ``transport`` is
+    or is wrapped around.
+
+    ``FileDescriptor.bufferSize`` is both sizes.
+    """
+    transport = _beneath(transport)
+    if plain_tcp(transport):
         transport.bufferSize = READ_SIZE
 
 
 def buffered(transport: Any) -> int:
     """
-    Bytes a TCP transport holds in its own write buffer (0 for other kinds).
+    Bytes queued in the write buffer of the TCP connection ``transport`` is
+    or is wrapped around.
+
+    The queue is ``dataBuffer`` from ``offset`` on plus ``_tempDataLen``
+    bytes not yet joined to it. Only read, so a transport of another kind
+    is read the same way, each attribute it lacks counting as empty: a test
+    double may model a full queue with them, and anything else holds 0.
     """
-    data = getattr(transport, "dataBuffer", b"")
-    offset: int = getattr(transport, "offset", 0)
-    temp: int = getattr(transport, "_tempDataLen", 0)
+    transport = _beneath(transport)
+    if plain_tcp(transport):
+        data: bytes = transport.dataBuffer
+        offset: int = transport.offset
+        temp: int = transport._tempDataLen
+    else:
+        data = getattr(transport, "dataBuffer", b"")
+        offset = getattr(transport, "offset", 0)
+        temp = getattr(transport, "_tempDataLen", 0)
     return len(data) - offset + temp
 
 
 def write(transport: Any, data: bytes) -> None:
     """
-    Send ``data`` on ``transport`` now if its buffer is empty, else queue it.
+    Send ``data`` on ``transport`` now if it is a plain TCP connection with
+    nothing queued; else, and for what does not fit, ``transport.write``.
     """
-    try:
-        idle = (
-            not transport.dataBuffer
-            and not transport._tempDataLen
-            and transport.connected
-            and not transport.disconnecting
-        )
-        sock = transport.socket
-    except AttributeError:
-        idle = False
-    if idle:
+    if (
+        plain_tcp(transport)
+        and not transport.dataBuffer
+        and not transport._tempDataLen
+        and transport.connected
+        and not transport.disconnecting
+    ):
         try:
-            sent = sock.send(data)
+            sent = transport.socket.send(data)
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError:
@@ -75,11 +156,30 @@ def no_delay(transport: Any) -> None:
     """
     Turn Nagle's algorithm off: MTProto packets are small and latency-bound,
     and every write here is already one whole chunk.
+
+    ``setTcpNoDelay`` is public (``ITCPTransport``); a wrapper passes it on.
     """
     set_no_delay = getattr(transport, "setTcpNoDelay", None)
     if set_no_delay is not None:
         with contextlib.suppress(OSError):
             set_no_delay(True)
+
+
+def route_accept_log(port: object, observer: ILogObserver) -> bool:
+    """
+    Send ``port``'s log events to ``observer``; return whether it could.
+
+    ``tcp.Port`` logs through ``self._logger``, a class attribute that an
+    instance attribute overrides; its accept failures go to that logger's
+    namespace and observer. Other ports (a test's fake) are left alone.
+    """
+    if not isinstance(port, tcp.Port):
+        return False
+    original = getattr(type(port), "_logger", None)
+    if not isinstance(original, Logger):
+        return False
+    port.__dict__["_logger"] = Logger(namespace=original.namespace, source=port, observer=observer)
+    return True
 
 
 def tune_malloc() -> bool:

@@ -1,15 +1,73 @@
 """
-The direct-send shortcut and the Twisted internals it relies on.
+:mod:`mtproxy_tw._twisted` and the Twisted internals it relies on.
+
+Each ``TwistedAssumptionTests`` test checks one assumption against the
+installed Twisted, so an upgrade that breaks one fails the test named
+after it; the other classes test the seam's own behaviour.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import socket
+from typing import Any
 
+from twisted.internet import reactor as _reactor
 from twisted.internet import tcp
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
+from twisted.internet.ssl import CertificateOptions
+from twisted.internet.testing import MemoryReactor, MemoryReactorClock
+from twisted.logger import LogEvent
+from twisted.protocols.haproxy import proxyEndpoint
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mtproxy_tw import _twisted
+
+reactor: Any = _reactor
+
+
+class Received(Protocol):
+    def __init__(self) -> None:
+        self.data = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+
+class Pair:
+    """
+    A ``tcp.Server`` over one end of a socket pair, on a reactor that only
+    records; the test reads the other end itself.
+    """
+
+    def __init__(self, test: SynchronousTestCase) -> None:
+        self.near, self.far = socket.socketpair()
+        self.near.setblocking(False)
+        self.far.setblocking(False)
+        test.addCleanup(self.near.close)
+        test.addCleanup(self.far.close)
+        self.reactor = MemoryReactor()
+        self.protocol = Received()
+        self.transport = tcp.Server(
+            self.near, self.protocol, ("127.0.0.1", 1), None, 0, self.reactor
+        )
+        self.protocol.makeConnection(self.transport)
+
+    def drain(self) -> bytes:
+        out = b""
+        while True:
+            try:
+                chunk = self.far.recv(1 << 20)
+            except BlockingIOError:
+                return out
+            if not chunk:
+                return out
+            out += chunk
 
 
 class FakeSocket:
@@ -24,64 +82,371 @@ class FakeSocket:
         return min(self.accept, len(data))
 
 
-class FakeTransport:
-    def __init__(self, sock: FakeSocket, queued: bytes = b"") -> None:
-        self.socket = sock
-        self.dataBuffer = queued
-        self._tempDataLen = 0
-        self.connected = True
-        self.disconnecting = False
+class Recording:
+    def __init__(self, transport: Any) -> None:
         self.written: list[bytes] = []
+        self.real_write = transport.write
+        transport.write = self.write
 
     def write(self, data: bytes) -> None:
         self.written.append(data)
+        self.real_write(data)
+
+
+class TwistedAssumptionTests(SynchronousTestCase):
+    """
+    One test per thing :mod:`mtproxy_tw._twisted` assumes of Twisted.
+    """
+
+    def test_write_queue_is_dataBuffer_offset_tempDataLen(self) -> None:
+        """
+        ``FileDescriptor.write`` queues in ``_tempDataBuffer``, counted by
+        ``_tempDataLen``; ``doWrite`` joins it into ``dataBuffer`` and sends
+        from ``offset``: the unsent bytes are ``len(dataBuffer) - offset +
+        _tempDataLen``, and the queue is empty when ``dataBuffer`` and
+        ``_tempDataLen`` are.
+        """
+        pair = Pair(self)
+        transport = pair.transport
+        self.assertEqual((transport.dataBuffer, transport._tempDataLen), (b"", 0))
+        size = 16 << 20  # more than a socket pair holds
+        transport.write(b"q" * size)
+        self.assertEqual(transport._tempDataLen, size)
+        self.assertEqual(_twisted.buffered(transport), size)
+        received = 0
+        for _ in range(3):
+            transport.doWrite()
+            received += len(pair.drain())
+            self.assertGreater(transport.offset, 0)
+            self.assertEqual(_twisted.buffered(transport), size - received)
+        while _twisted.buffered(transport):
+            transport.doWrite()
+            received += len(pair.drain())
+        self.assertEqual(received, size)
+        self.assertEqual((transport.dataBuffer, transport._tempDataLen), (b"", 0))
+
+    def test_socket_is_the_connected_socket(self) -> None:
+        """
+        ``tcp.Connection.socket`` is the socket it reads and writes.
+        """
+        pair = Pair(self)
+        self.assertIs(pair.transport.socket, pair.near)
+
+    def test_connected_and_disconnecting(self) -> None:
+        """
+        ``connected`` is true once the connection is made; ``disconnecting``
+        turns true at ``loseConnection``, after which nothing may be sent.
+        """
+        pair = Pair(self)
+        transport = pair.transport
+        self.assertTrue(transport.connected)
+        self.assertFalse(transport.disconnecting)
+        transport.write(b"pending")  # else it closes at once
+        transport.loseConnection()
+        self.assertTrue(transport.disconnecting)
+
+    def test_bufferSize_is_read_size_and_pause_threshold(self) -> None:
+        """
+        ``bufferSize`` is what one ``doRead`` asks the socket for, and the
+        write buffer size above which a streaming producer is paused.
+        """
+        pair = Pair(self)
+        transport = pair.transport
+        _twisted.set_read_size(transport)
+        self.assertEqual(transport.bufferSize, _twisted.READ_SIZE)
+        transport.bufferSize = 10
+        pair.far.sendall(b"x" * 25)
+        transport.doRead()
+        self.assertEqual(pair.protocol.data, b"x" * 10)
+
+        paused: list[bool] = []
+
+        class Producer:
+            def pauseProducing(self) -> None:
+                paused.append(True)
+
+            def resumeProducing(self) -> None:
+                pass
+
+            def stopProducing(self) -> None:
+                pass
+
+        transport.registerProducer(Producer(), True)
+        transport.write(b"y" * 10)
+        self.assertEqual(paused, [])
+        transport.write(b"y")
+        self.assertEqual(paused, [True])
+
+    def test_reactor_tcp_transports_are_tcp_Server_and_Client(self) -> None:
+        """
+        A reactor's TCP connections are exactly ``tcp.Server`` (accepted)
+        and ``tcp.Client`` (made), and not ``ISSLTransport``.
+        """
+        self.assertTrue(issubclass(tcp.Server, tcp.Connection))
+        self.assertTrue(issubclass(tcp.Client, tcp.Connection))
+        pair = Pair(self)
+        self.assertTrue(_twisted.plain_tcp(pair.transport))
+        self.assertFalse(ISSLTransport.providedBy(pair.transport))
+        # The live check, on the reactor, is LiveTransportTests below.
+
+    def test_startTLS_provides_ISSLTransport(self) -> None:
+        """
+        ``startTLS`` on a TCP connection makes its ``write`` encrypt, and
+        marks it ``ISSLTransport``: it is no longer plain.
+        """
+        pair = Pair(self)
+        pair.transport.startTLS(CertificateOptions(), normal=False)  # the TLS client side
+        self.assertTrue(ISSLTransport.providedBy(pair.transport))
+        self.assertFalse(_twisted.plain_tcp(pair.transport))
+        pair.transport.doWrite()
+        sent = pair.drain()
+        self.assertTrue(sent.startswith(b"\x16\x03"), sent[:8])  # a ClientHello record
+        pair.transport.socket = FakeSocket(1 << 20)
+        _twisted.write(pair.transport, b"secret bytes")
+        self.assertEqual(pair.transport.socket.sent, [])
+
+    def test_tls_and_haproxy_are_ProtocolWrappers(self) -> None:
+        """
+        TLS and ``haproxy:`` wrap the TCP connection in a
+        ``ProtocolWrapper``, whose ``transport`` is the connection.
+        """
+        self.assertTrue(issubclass(TLSMemoryBIOProtocol, ProtocolWrapper))
+        self.assertTrue(issubclass(TLSMemoryBIOFactory, WrappingFactory))
+        given: list[Any] = []
+
+        class Endpoint:
+            def listen(self, factory: Any) -> Deferred[Any]:
+                given.append(factory)
+                return Deferred()
+
+        proxyEndpoint(Endpoint()).listen(Factory.forProtocol(Protocol))  # type: ignore[arg-type]
+        self.assertIsInstance(given[0].buildProtocol(None), ProtocolWrapper)
+        pair = Pair(self)
+        wrapped = ProtocolWrapper(WrappingFactory(Factory.forProtocol(Protocol)), Protocol())
+        wrapped.makeConnection(pair.transport)
+        self.assertIs(wrapped.transport, pair.transport)
+
+    def test_port_logs_accept_failures_through_its_logger(self) -> None:
+        """
+        ``tcp.Port`` logs the connections it cannot accept through
+        ``self._logger``, which an instance attribute overrides, with the
+        texts of :data:`~mtproxy_tw._twisted.ACCEPT_FAILED`,
+        :data:`~mtproxy_tw._twisted.EMFILE_CLOSED` and
+        :data:`~mtproxy_tw._twisted.EMFILE_NOISE`.
+        """
+        clock = MemoryReactorClock()
+        port = tcp.Port(0, Factory.forProtocol(Protocol), 50, "127.0.0.1", clock)
+        port.startListening()
+        self.addCleanup(clock.advance, 0)
+        self.addCleanup(port.stopListening)
+        events: list[LogEvent] = []
+        self.assertTrue(_twisted.route_accept_log(port, events.append))
+        real = port.socket
+
+        class Listener:
+            def __init__(self, answers: list[Exception | None]) -> None:
+                self.answers = answers
+
+            def accept(self) -> tuple[socket.socket, tuple[str, int]]:
+                answer = self.answers.pop(0)
+                if answer is not None:
+                    raise answer
+                client, other = socket.socketpair()
+                other.close()
+                return client, ("192.0.2.1", 40000)
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(real, name)
+
+        def fail(code: int) -> OSError:
+            return OSError(code, os.strerror(code))
+
+        port.socket = Listener([fail(errno.ENOBUFS)])
+        port.doRead()
+        port.socket = Listener([fail(errno.EMFILE), None, fail(errno.EAGAIN)])
+        port.doRead()
+        port.socket = real
+        formats = [e["log_format"] for e in events]
+        self.assertEqual(formats[0], _twisted.ACCEPT_FAILED)
+        self.assertEqual(events[0]["acceptError"], "ENOBUFS")
+        self.assertEqual(set(formats[1:]) - _twisted.EMFILE_NOISE, {_twisted.EMFILE_CLOSED})
+        self.assertEqual(len(formats), 4, formats)
+        self.assertTrue(all(e["log_namespace"] == "twisted.internet.tcp.Port" for e in events))
+
+    def test_ProtocolWrapper_passes_setTcpNoDelay_on(self) -> None:
+        """
+        A wrapper hands attributes it lacks, ``setTcpNoDelay`` among them,
+        to the transport beneath.
+        """
+        pair = Pair(self)
+        wrapped = ProtocolWrapper(WrappingFactory(Factory.forProtocol(Protocol)), Protocol())
+        wrapped.makeConnection(pair.transport)
+        self.assertEqual(wrapped.setTcpNoDelay, pair.transport.setTcpNoDelay)
 
 
 class WriteTests(SynchronousTestCase):
     def test_sends_at_once(self) -> None:
-        transport = FakeTransport(FakeSocket(100))
-        _twisted.write(transport, b"x" * 10)
-        self.assertEqual((transport.socket.sent, transport.written), ([b"x" * 10], []))
+        pair = Pair(self)
+        record = Recording(pair.transport)
+        _twisted.write(pair.transport, b"x" * 10)
+        self.assertEqual((pair.drain(), record.written), (b"x" * 10, []))
 
     def test_rest_is_queued(self) -> None:
-        transport = FakeTransport(FakeSocket(3))
-        _twisted.write(transport, b"abcdef")
-        self.assertEqual((transport.socket.sent, transport.written), ([b"abc"], [b"def"]))
+        pair = Pair(self)
+        pair.transport.socket = sock = FakeSocket(3)
+        record = Recording(pair.transport)
+        _twisted.write(pair.transport, b"abcdef")
+        self.assertEqual((sock.sent, record.written), ([b"abc"], [b"def"]))
 
     def test_queue_not_empty(self) -> None:
         """
         Bytes already queued go first: the new ones are queued behind them.
         """
-        transport = FakeTransport(FakeSocket(100), queued=b"old")
-        _twisted.write(transport, b"new")
-        self.assertEqual((transport.socket.sent, transport.written), ([], [b"new"]))
+        pair = Pair(self)
+        pair.transport.write(b"old")
+        record = Recording(pair.transport)
+        _twisted.write(pair.transport, b"new")
+        self.assertEqual((pair.drain(), record.written), (b"", [b"new"]))
+        pair.transport.doWrite()
+        self.assertEqual(pair.drain(), b"oldnew")
 
     def test_would_block_and_errors(self) -> None:
         for error in (BlockingIOError(), ConnectionResetError()):
-            transport = FakeTransport(FakeSocket(error))
-            _twisted.write(transport, b"data")
-            self.assertEqual(transport.written, [b"data"])
+            pair = Pair(self)
+            pair.transport.socket = FakeSocket(error)
+            record = Recording(pair.transport)
+            _twisted.write(pair.transport, b"data")
+            self.assertEqual(record.written, [b"data"])
+
+    def test_closing(self) -> None:
+        pair = Pair(self)
+        pair.transport.disconnecting = True
+        pair.transport.socket = sock = FakeSocket(100)
+        _twisted.write(pair.transport, b"data")
+        self.assertEqual(sock.sent, [])
 
     def test_other_transport(self) -> None:
         written: list[bytes] = []
 
         class Plain:
+            dataBuffer = b""
+            _tempDataLen = 0
+            connected = True
+            disconnecting = False
+            socket = FakeSocket(100)
+
             def write(self, data: bytes) -> None:
                 written.append(data)
 
         _twisted.write(Plain(), b"data")
-        self.assertEqual(written, [b"data"])
+        self.assertEqual((written, Plain.socket.sent), ([b"data"], []))
 
-    def test_twisted_attributes(self) -> None:
+    def test_subclass_is_not_plain(self) -> None:
         """
-        The installed Twisted's TCP connections have the attributes used.
+        Only the exact classes are trusted: a subclass may write otherwise.
         """
-        a, b = socket.socketpair()
-        self.addCleanup(a.close)
-        self.addCleanup(b.close)
-        connection = tcp.Connection(a, None)
-        for name in ("dataBuffer", "_tempDataLen", "connected", "disconnecting", "socket"):
-            self.assertTrue(hasattr(connection, name), name)
+
+        class Special(tcp.Server):
+            pass
+
+        near, far = socket.socketpair()
+        self.addCleanup(near.close)
+        self.addCleanup(far.close)
+        transport = Special(near, Protocol(), ("127.0.0.1", 1), None, 0, MemoryReactor())
+        self.assertFalse(_twisted.plain_tcp(transport))
+
+    def test_wrapper_gets_its_own_write(self) -> None:
+        """
+        Through a wrapper the bytes go to the wrapper's ``write``, never to
+        the socket beneath: the wrapper (TLS) may change them.
+        """
+        pair = Pair(self)
+        pair.transport.socket = sock = FakeSocket(100)
+        wrapped = ProtocolWrapper(WrappingFactory(Factory.forProtocol(Protocol)), Protocol())
+        wrapped.makeConnection(pair.transport)
+        record = Recording(wrapped)
+        _twisted.write(wrapped, b"data")
+        self.assertEqual((sock.sent, record.written), ([], [b"data"]))
+
+
+class BufferedTests(SynchronousTestCase):
+    def test_through_wrappers(self) -> None:
+        """
+        A wrapper's queue is that of the TCP connection beneath it, and so
+        is its read size.
+        """
+        pair = Pair(self)
+        wrapped = ProtocolWrapper(WrappingFactory(Factory.forProtocol(Protocol)), Protocol())
+        wrapped.makeConnection(pair.transport)
+        outer = ProtocolWrapper(WrappingFactory(Factory.forProtocol(Protocol)), Protocol())
+        outer.makeConnection(wrapped)
+        pair.transport.write(b"12345")
+        self.assertEqual(_twisted.buffered(outer), 5)
+        _twisted.set_read_size(outer)
+        self.assertEqual(pair.transport.bufferSize, _twisted.READ_SIZE)
+        self.assertNotIn("bufferSize", vars(outer))
+
+    def test_other_kinds(self) -> None:
+        """
+        Another kind of transport holds nothing, unless it models the queue
+        with the same attributes (a test double's full buffer).
+        """
+        self.assertEqual(_twisted.buffered(object()), 0)
+
+        class Double:
+            dataBuffer = b"x" * 100
+
+        self.assertEqual(_twisted.buffered(Double()), 100)
+        unconnected = ProtocolWrapper(WrappingFactory(Factory.forProtocol(Protocol)), Protocol())
+        self.assertEqual(_twisted.buffered(unconnected), 0)
+        _twisted.set_read_size(object())
+
+
+class LiveTransportTests(TestCase):
+    def test_reactor_makes_plain_tcp(self) -> None:
+        """
+        The installed reactor's TCP connections, both ends, are plain TCP.
+        """
+        made: list[Deferred[Any]] = [Deferred(), Deferred()]
+        lost: list[Deferred[None]] = [Deferred(), Deferred()]
+
+        class End(Protocol):
+            def __init__(self, index: int) -> None:
+                self.index = index
+
+            def connectionMade(self) -> None:
+                made[self.index].callback(self.transport)
+
+            def connectionLost(self, reason: object = None) -> None:
+                lost[self.index].callback(None)
+
+        class Ends(ClientFactory):
+            def __init__(self, index: int) -> None:
+                self.index = index
+
+            def buildProtocol(self, addr: Any) -> End:
+                return End(self.index)
+
+        port = reactor.listenTCP(0, Ends(0), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        reactor.connectTCP("127.0.0.1", port.getHost().port, Ends(1))
+
+        async def check() -> None:
+            server, client = [await d for d in made]
+            self.assertIs(type(server), tcp.Server)
+            self.assertIs(type(client), tcp.Client)
+            self.assertTrue(_twisted.plain_tcp(server))
+            self.assertTrue(_twisted.plain_tcp(client))
+            server.loseConnection()
+            for d in lost:
+                await d
+
+        return ensureDeferred(check())
+
+
+class AcceptLogTests(SynchronousTestCase):
+    def test_other_ports_left_alone(self) -> None:
+        self.assertFalse(_twisted.route_accept_log(object(), lambda e: None))
 
 
 class NoDelayTests(SynchronousTestCase):

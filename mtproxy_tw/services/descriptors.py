@@ -14,6 +14,8 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import ILogObserver, LogEvent, Logger, globalLogPublisher
 from zope.interface import implementer
 
+from mtproxy_tw._twisted import ACCEPT_FAILED, EMFILE_CLOSED, EMFILE_NOISE, route_accept_log
+
 __all__ = [
     "MIDDLE_POOL_DCS",
     "SPARE_DESCRIPTORS",
@@ -31,19 +33,6 @@ SPARE_DESCRIPTORS = 64
 #: DC ids a middle-proxy pool may be kept for: 1..5 and their media DCs.
 MIDDLE_POOL_DCS = 10
 
-#: The namespace of Twisted's listening TCP ports' log events.
-_PORT_NAMESPACE = "twisted.internet.tcp.Port"
-
-#: Formats of the events Twisted's ``tcp.Port`` logs, at info, once per
-#: connection it could not accept (see ``twisted.internet.tcp._accept``).
-_NOT_ACCEPTED = "Could not accept new connection ({acceptError})"
-_CLOSED_UNSERVED = "EMFILE recovery: Closed socket from {address}"
-_RECOVERY_NOISE = frozenset(
-    {
-        "EMFILE encountered; releasing reserved file descriptor.",
-        "Re-reserving EMFILE recovery file descriptor.",
-    }
-)
 #: Accept errors that mean the process or the system ran out of something;
 #: ECONNABORTED (a client that gave up in the backlog) is not among them.
 _RESOURCE_ERRORS = frozenset({"EMFILE", "ENFILE", "ENOBUFS", "ENOMEM"})
@@ -89,9 +78,8 @@ class AcceptFailures:
     turns them into one warning at the first, then at most one a minute
     with the count since the last, while they go on.
 
-    Install it as the ``_logger`` of each ``tcp.Port`` (see
-    :meth:`watch`); every other event is passed on to ``forward``
-    unchanged.
+    Put it between each ``tcp.Port`` and the log with :meth:`watch`;
+    every other event is passed on to ``forward`` unchanged.
 
     :ivar refused: connections accepted and closed at once, unserved
         (Twisted's EMFILE recovery), since the last warning.
@@ -121,25 +109,18 @@ class AcceptFailures:
 
     def watch(self, port: object) -> bool:
         """
-        Route ``port``'s accept events through this; return whether it could.
-
-        ``tcp.Port`` logs its accept failures to the namespace and observer
-        of ``self._logger``, a class attribute that an instance attribute
-        overrides. Other ports (a test's fake) are left alone.
+        Route ``port``'s log events through this; return whether it could
+        (a TCP port: see :func:`mtproxy_tw._twisted.route_accept_log`).
         """
-        if not isinstance(getattr(type(port), "_logger", None), Logger):
-            return False
-        logger = Logger(namespace=_PORT_NAMESPACE, source=port, observer=self)
-        port.__dict__["_logger"] = logger
-        return True
+        return route_accept_log(port, self)
 
     def __call__(self, event: LogEvent) -> None:
         text = event.get("log_format")
-        if text == _CLOSED_UNSERVED:
+        if text == EMFILE_CLOSED:
             self.refused += 1
-        elif text == _NOT_ACCEPTED and event.get("acceptError") in _RESOURCE_ERRORS:
+        elif text == ACCEPT_FAILED and event.get("acceptError") in _RESOURCE_ERRORS:
             self.errors[str(event["acceptError"])] += 1
-        elif text in _RECOVERY_NOISE:
+        elif text in EMFILE_NOISE:
             return  # the count says it
         else:
             self.forward(event)

@@ -11,15 +11,16 @@ import resource
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.application.internet import TimerService
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from mtproxy_tw._twisted import tune_malloc
 from mtproxy_tw.fronting.prober import ProfileService
@@ -33,7 +34,7 @@ from mtproxy_tw.services.descriptors import (
 )
 from mtproxy_tw.settings import Settings
 
-__all__ = ["ListenError", "ProxyService", "raise_open_file_limit"]
+__all__ = ["ListenError", "Listener", "ProxyService", "raise_open_file_limit"]
 
 
 class ClientFactory(Factory):
@@ -49,6 +50,85 @@ class ClientFactory(Factory):
 
     def buildProtocol(self, addr: Any) -> ClientProtocol:
         return ClientProtocol(self.core)
+
+
+class Listener(Service):
+    """
+    Listens on one endpoint from its first start to its stop.
+
+    Twisted's ``StreamServerEndpointService``, but with the two things the
+    proxy needs from it public: a refusal to listen that the endpoint
+    reports at once is raised at once (so the start fails with it), and
+    :attr:`port` fires with the listening port. It listens once, in
+    ``privilegedStartService`` (before ``twistd --uid`` drops privileges)
+    or, when that was not called, in ``startService``.
+
+    :ivar port: fires with the listening port; ``None`` before the first
+        start and after a stop.
+    """
+
+    def __init__(self, endpoint: IStreamServerEndpoint, factory: Factory) -> None:
+        self.endpoint = endpoint
+        self.factory = factory
+        self.port: Deferred[IListeningPort] | None = None
+        #: The port, once listening (what callbacks on :attr:`port` return
+        #: does not change it).
+        self._listening: IListeningPort | None = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self.listen()
+
+    def startService(self) -> None:
+        super().startService()
+        self.listen()
+
+    def listen(self) -> None:
+        """
+        Listen, unless already listening; raise what the endpoint refuses
+        with at once (``CannotListenError``).
+        """
+        if self.port is not None:
+            return
+        outcome: list[object] = []
+        port = self.endpoint.listen(self.factory)
+
+        def now(result: object) -> object:
+            outcome.append(result)
+            return result
+
+        port.addBoth(now)
+        if outcome and isinstance(outcome[0], Failure):
+            port.addErrback(lambda _: None)
+            outcome[0].raiseException()
+        self.port = port.addCallback(self._listened)
+
+    def _listened(self, port: IListeningPort) -> IListeningPort:
+        self._listening = port
+        return port
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        port, self.port = self.port, None
+        listening, self._listening = self._listening, None
+        if listening is not None:
+            return listening.stopListening()
+        if port is None:
+            return None
+        port.cancel()  # a listen still under way
+
+        def close(listening: IListeningPort | None) -> Deferred[None] | None:
+            # The endpoint could not cancel: the port came up all the same.
+            if listening is None:
+                return None
+            if self._listening is listening:
+                self._listening = None
+            return listening.stopListening()
+
+        def cancelled(failure: Failure) -> None:
+            failure.trap(CancelledError)
+
+        return port.addCallbacks(close, cancelled)
 
 
 class ListenError(SystemExit):
@@ -110,20 +190,24 @@ class ProxyService(MultiService):
         )
         self.core = ProxyCore(settings, reactor)
         self.factory = ClientFactory(self.core)
-        self.listeners: list[StreamServerEndpointService] = []
+        self.listeners: list[Listener] = []
         for description, name in zip(self.listen, self.named_by, strict=True):
             try:
                 endpoint = serverFromString(reactor, description)
             except (ValueError, TypeError, KeyError, IndexError) as e:
                 raise ListenError(f"{name}: not a usable endpoint ({e})") from None
-            listener = StreamServerEndpointService(endpoint, self.factory)
-            listener._raiseSynchronously = True  # a port in use must fail the start
+            listener = Listener(endpoint, self.factory)
             listener.setServiceParent(self)
             self.listeners.append(listener)
         self.profiles = ProfileService(self.core)
         self.profiles.setServiceParent(self)
-        self._stats_loop = LoopingCall(self.log_stats)
-        self._stats_loop.clock = reactor
+        #: Logs :meth:`log_stats` every ``stats_interval`` seconds (and
+        #: once at start); ``None`` when the interval is 0.
+        self.stats_timer: TimerService | None = None
+        if settings.stats_interval > 0:
+            self.stats_timer = TimerService(settings.stats_interval, self.log_stats)
+            self.stats_timer.clock = reactor
+            self.stats_timer.setServiceParent(self)
 
     def log_stats(self) -> None:
         """
@@ -184,7 +268,7 @@ class ProxyService(MultiService):
         """
         Fires with the listening ports once every listener is up.
         """
-        waiting = [listener._waitingForPort for listener in self.listeners]
+        waiting = [listener.port for listener in self.listeners]
         if any(d is None for d in waiting):
             raise RuntimeError("the service has not started")
         dl: Deferred[Any] = DeferredList(
@@ -242,10 +326,10 @@ class ProxyService(MultiService):
         Start every listener now; a failure ends the start with one line.
         """
         for name, listener in zip(self.named_by, self.listeners, strict=True):
-            if listener._waitingForPort is not None:
+            if listener.port is not None:
                 continue
             try:
-                listener.privilegedStartService()
+                listener.listen()
             except CannotListenError as e:
                 error = e.socketError
                 reason = error.strerror if isinstance(error, OSError) else e
@@ -257,11 +341,12 @@ class ProxyService(MultiService):
                         "AmbientCapabilities=CAP_NET_BIND_SERVICE in the systemd unit)"
                     )
                 raise ListenError(f"{name}: cannot listen: {reason}{hint}") from None
-            if listener._waitingForPort is not None:
-                listener._waitingForPort.addCallback(self._watch_accepts)
+            if listener.port is not None:
+                listener.port.addCallback(self._watch_accepts)
 
     def privilegedStartService(self) -> None:
-        # Listen first: a port below 1024 may need the privileges.
+        # Listen first, with the privileges a port below 1024 may need; the
+        # listeners then see they are listening and do not listen again.
         self._listen()
         super().privilegedStartService()
 
@@ -272,19 +357,13 @@ class ProxyService(MultiService):
             self.log.info("malloc thresholds not tuned (not glibc)")
         self.core.draining = False
         super().startService()
-        interval = self.settings.stats_interval
-        if interval > 0 and not self._stats_loop.running:
-            self._stats_loop.start(interval, now=False)
-        if any(listener._waitingForPort is None for listener in self.listeners):
-            return
         self.listening().addCallback(self._check_mask_loop).addCallback(
             lambda _: self.profiles.start_loop()
         ).addErrback(lambda f: self.log.failure("listening failed", f))
 
     def stopService(self) -> Deferred[None]:
-        if self._stats_loop.running:
-            self._stats_loop.stop()
-            self.log_stats()
+        if self.stats_timer is not None and self.stats_timer.running:
+            self.log_stats()  # the last counts; the timer stops with the others
         self.accept_failures.stop()
         stopped: Deferred[Any] = super().stopService() or succeed(None)
         return stopped.addCallback(lambda _: self._drain())
