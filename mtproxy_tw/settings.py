@@ -1,5 +1,6 @@
 """
-The proxy's runtime settings, validated once by the command line.
+The proxy's runtime settings, built from the resolved options; their
+defaults are the options' own (:mod:`mtproxy_tw.config.schema`).
 """
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mtproxy_tw.config.schema import default
 from mtproxy_tw.wire.dcs import Address, DCTable
 from mtproxy_tw.wire.secrets import Mode, Secret
 
@@ -23,19 +25,19 @@ class Settings:
     """
 
     secrets: tuple[Secret, ...]
-    modes: frozenset[Mode] = frozenset(Mode)
+    modes: frozenset[Mode] = default("modes")
     dcs: DCTable = field(default_factory=DCTable)
     fast_mode: bool = True
-    handshake_timeout: float = 10.0
-    idle_timeout: float = 300.0
-    connect_timeout: float = 10.0
-    max_connections: int = 10000
+    handshake_timeout: float = default("handshake-timeout")
+    idle_timeout: float = default("idle-timeout")
+    connect_timeout: float = default("connect-timeout")
+    max_connections: int = default("max-connections")
     #: Connections still in their handshake at once; ``None``: a quarter
     #: of ``max_connections`` (at least 16).
     max_handshakes: int | None = None
-    replay_capacity: int = 65536
-    replay_window: float = 600.0
-    drain_timeout: float = 5.0
+    replay_capacity: int = default("replay-capacity")
+    replay_window: float = default("replay-window")
+    drain_timeout: float = default("drain-timeout")
     state_dir: Path | None = None
     #: Extra fake-TLS domains, beyond those inside ``ee`` secrets.
     extra_tls_domains: frozenset[str] = frozenset()
@@ -43,9 +45,9 @@ class Settings:
     mask: bool | None = None
     mask_host: Address | None = None
     mask_proxy_protocol: bool = False
-    tls_time_skew: float = 300.0
+    tls_time_skew: float = default("tls-time-skew")
     #: Seconds between stats lines in the log; 0 turns them off.
-    stats_interval: float = 600.0
+    stats_interval: float = default("stats-interval")
 
     @property
     def handshake_cap(self) -> int:

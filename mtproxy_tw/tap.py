@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,110 +14,35 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from mtproxy_tw import __version__
-from mtproxy_tw._options import count, number
-from mtproxy_tw.middle_options import (
-    MIDDLE_FLAGS,
-    MIDDLE_PARAMETERS,
-    MiddleOptionsMixin,
-    build_middle,
-    middle_settings_from_options,
-)
+from mtproxy_tw.config.cli import GeneratedOptions, resolve
+from mtproxy_tw.middle_options import build_middle, middle_settings_from_options
 from mtproxy_tw.services.descriptors import MIDDLE_POOL_DCS
 from mtproxy_tw.services.proxy import ProxyService
-from mtproxy_tw.services.reload import SecretsReloader, read_secrets_file
+from mtproxy_tw.services.reload import ConfigFile, SecretsReloader, read_secrets_file
 from mtproxy_tw.services.state import StateDir, StateError, default_state_dir
 from mtproxy_tw.settings import Settings
-from mtproxy_tw.wire.dcs import Address, DCTable, parse_address, parse_dc_override
-from mtproxy_tw.wire.secrets import Mode, Secret, SecretError, links, parse_secret
+from mtproxy_tw.wire.dcs import Address, DCTable
+from mtproxy_tw.wire.secrets import Secret, SecretError, links
 
 __all__ = ["Options", "makeService"]
 
 log = Logger()
 
 
-class Options(MiddleOptionsMixin, usage.Options):
+class Options(GeneratedOptions):
     """
     Parsing and validation only; :func:`makeService` builds from the result.
+
+    The options themselves come from :data:`mtproxy_tw.config.schema.OPTIONS`;
+    what is checked here is how they fit together.
     """
 
     synopsis = "[options]"
     longdesc = (
         "A Telegram MTProto proxy. Clients connect with a secret (classic, dd or ee) and "
-        "are carried to Telegram's data centres."
+        "are carried to Telegram's data centres. Every option can also be set in a TOML "
+        "file given with --config."
     )
-
-    optFlags = [
-        ["prefer-ipv6", None, "Connect to Telegram's DCs over IPv6."],
-        ["no-fast-mode", None, "Re-encrypt the download direction instead of passing it through."],
-        ["mask", None, "Front bad classic/dd handshakes too (default when an ee secret is set)."],
-        ["no-mask", None, "Close bad classic/dd handshakes instead of fronting them."],
-        ["mask-proxy-protocol", None, "Send a PROXY protocol v1 header to the mask host."],
-        *MIDDLE_FLAGS,
-    ]
-    optParameters = [
-        ["port", "p", None, "TCP port to listen on, all IPv4 interfaces (default 443).", int],
-        ["state-dir", None, None, "Directory for state kept across restarts."],
-        ["secrets-file", None, None, "File of [NAME=]SECRET lines, re-read on SIGHUP."],
-        ["public-host", None, None, "Host name or address put in the printed links."],
-        ["modes", None, "classic,secure,tls", "Client modes accepted (classic, secure, tls)."],
-        ["handshake-timeout", None, "10", "Seconds a client has to complete its handshake."],
-        ["idle-timeout", None, "300", "Seconds without traffic before a connection is closed."],
-        ["connect-timeout", None, "10", "Seconds to connect to Telegram."],
-        ["max-connections", None, "10000", "Most client connections at once."],
-        [
-            "max-handshakes",
-            None,
-            None,
-            "Most connections in their handshake at once (default: a quarter of the limit).",
-        ],
-        ["replay-capacity", None, "65536", "Handshakes remembered against replays."],
-        ["replay-window", None, "600", "Seconds a handshake is remembered."],
-        ["drain-timeout", None, "5", "Seconds busy connections get to finish on shutdown."],
-        [
-            "mask-host",
-            None,
-            None,
-            "HOST[:PORT] failed handshakes are fronted to (default: SNI:443).",
-        ],
-        ["tls-time-skew", None, "300", "Seconds a fake-TLS client's clock may be off."],
-        ["stats-interval", None, "600", "Seconds between stats lines in the log (0: none)."],
-        *MIDDLE_PARAMETERS,
-    ]
-
-    def __init__(self) -> None:
-        super().__init__()
-        self["listen"] = []
-        self["secrets"] = []
-        self["dc"] = {}
-        self["tls-domains"] = []
-
-    def opt_listen(self, description: str) -> None:
-        """Listen on a Twisted endpoint, e.g. tcp6:443 (repeatable; replaces --port)."""
-        self["listen"].append(description)
-
-    def opt_secret(self, text: str) -> None:
-        """[NAME=]SECRET: 32 hex, dd+32 hex or ee+32 hex+hex(domain) (repeatable)."""
-        try:
-            secret = parse_secret(text, f"secret{len(self['secrets']) + 1}")
-        except SecretError as e:
-            raise usage.UsageError(f"--secret: {e}") from None
-        if any(s.name == secret.name for s in self["secrets"]):
-            raise usage.UsageError(f"--secret: the name {secret.name!r} is used twice")
-        self["secrets"].append(secret)
-
-    def opt_dc(self, text: str) -> None:
-        """ID=HOST:PORT overrides one DC's address, e.g. -2=[::1]:443 (repeatable)."""
-        try:
-            dc, address = parse_dc_override(text)
-        except ValueError as e:
-            raise usage.UsageError(f"--dc: {e}") from None
-        self["dc"][dc] = address
-
-    def opt_tls_domain(self, domain: str) -> None:
-        """Another fake-TLS domain for the ee secrets (repeatable)."""
-        if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252})", domain) or ".." in domain:
-            raise usage.UsageError(f"--tls-domain: {domain!r} is not a host name")
-        self["tls-domains"].append(domain.lower())
 
     def opt_version(self) -> None:
         """
@@ -130,14 +54,14 @@ class Options(MiddleOptionsMixin, usage.Options):
         raise SystemExit(0)
 
     def postOptions(self) -> None:
-        if self["port"] is not None and self["listen"]:
+        resolve(self)
+        listen_given = bool(self["listen"])
+        if self["port"] is not None and listen_given:
             raise usage.UsageError("--port: give either --port or --listen, not both")
         port = self["port"] if self["port"] is not None else 443
         # How the operator asked for each listener, for the errors about it.
         self["listen-named-by"] = [f"--listen {d}" for d in self["listen"]]
-        if not self["listen"]:
-            if not 0 <= port < 65536:
-                raise usage.UsageError(f"--port: {port} is out of range")
+        if not listen_given:
             self["listen"] = [f"tcp:{port}"]
             default = " (the default)" if self["port"] is None else ""
             self["listen-named-by"] = [f"--port {port}{default}"]
@@ -150,52 +74,15 @@ class Options(MiddleOptionsMixin, usage.Options):
                 raise usage.UsageError(
                     f"--listen: {description!r} is not an endpoint Twisted knows ({e})"
                 ) from None
-        try:
-            modes = frozenset(Mode(m.strip()) for m in self["modes"].split(",") if m.strip())
-        except ValueError:
-            raise usage.UsageError(
-                "--modes: use classic, secure and tls, comma separated"
-            ) from None
-        if not modes:
-            raise usage.UsageError("--modes: at least one mode is needed")
-        self["modes"] = modes
-        for name in ("handshake-timeout", "idle-timeout", "connect-timeout", "replay-window"):
-            self[name] = number(name, self[name], 0, above=True)
-        self["drain-timeout"] = number("drain-timeout", self["drain-timeout"], 0)
         if self["mask"] and self["no-mask"]:
             raise usage.UsageError("--mask: give either --mask or --no-mask")
-        self["tls-time-skew"] = number("tls-time-skew", self["tls-time-skew"], 0, above=True)
-        self["stats-interval"] = number("stats-interval", self["stats-interval"], 0)
-        if self["mask-host"] is not None:
-            try:
-                self["mask-host"] = parse_address(self["mask-host"], default_port=443)
-            except ValueError as e:
-                raise usage.UsageError(f"--mask-host: {e}") from None
-        for name in ("max-connections", "replay-capacity"):
-            self[name] = count(name, self[name])
-        if self["max-handshakes"] is not None:
-            self["max-handshakes"] = count("max-handshakes", self["max-handshakes"])
+        self["tls-domains"] = self["tls-domain"]
+        self["secrets"] = list(self["secret"])
         self["fixed-secrets"] = list(self["secrets"])
         if self["secrets-file"] is not None:
             self["secrets-file"] = Path(self["secrets-file"])
-            try:
-                loaded = read_secrets_file(self["secrets-file"])
-            except SecretError as e:
-                raise usage.UsageError(f"--secrets-file: {e}") from None
-            if not loaded and not self["secrets"]:
-                # An emptied file means everyone was revoked, not "generate one".
-                raise usage.UsageError(
-                    f"--secrets-file: {self['secrets-file']} lists no secrets and no --secret "
-                    "is given; refusing to start with a generated default secret instead "
-                    "(add a line to the file, or give --secret)"
-                )
-            names = {s.name for s in self["secrets"]}
-            for secret in loaded:
-                if secret.name in names:
-                    raise usage.UsageError(
-                        f"--secrets-file: the name {secret.name!r} is also a --secret"
-                    )
-            self["secrets"].extend(loaded)
+            self["secrets"].extend(self._file_secrets(self["secrets-file"]))
+        modes = self["modes"]
         for secret in self["secrets"]:
             if not secret.admits() & modes:
                 raise usage.UsageError(
@@ -204,6 +91,26 @@ class Options(MiddleOptionsMixin, usage.Options):
                 )
         self["state-dir"] = Path(self["state-dir"]) if self["state-dir"] else default_state_dir()
         self["middle"] = middle_settings_from_options(self)
+
+    def _file_secrets(self, path: Path) -> list[Secret]:
+        try:
+            loaded = read_secrets_file(path)
+        except SecretError as e:
+            raise usage.UsageError(f"--secrets-file: {e}") from None
+        if not loaded and not self["secrets"]:
+            # An emptied file means everyone was revoked, not "generate one".
+            raise usage.UsageError(
+                f"--secrets-file: {path} lists no secrets and no --secret "
+                "is given; refusing to start with a generated default secret instead "
+                "(add a line to the file, or give --secret)"
+            )
+        names = {s.name for s in self["secrets"]}
+        for secret in loaded:
+            if secret.name in names:
+                raise usage.UsageError(
+                    f"--secrets-file: the name {secret.name!r} is also a --secret"
+                )
+        return loaded
 
 
 def _listen_port(description: str) -> tuple[str | None, int | None]:
@@ -338,7 +245,16 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     announcer = _LinkAnnouncer(proxy, options["public-host"])
     announcer.setServiceParent(top)
     fixed = options["fixed-secrets"] or ([] if options["secrets-file"] else list(secrets))
+    config = None
+    if options.get("config"):
+        config = ConfigFile(
+            Path(options["config"]),
+            set(options.given),
+            dict(options.from_file),
+            tuple(options["secret"]) if "secret" in options.given else (),
+            options["secrets-file"] if "secrets-file" in options.given else None,
+        )
     SecretsReloader(
-        proxy, reactor, fixed, options["secrets-file"], announcer.announce
+        proxy, reactor, fixed, options["secrets-file"], announcer.announce, config
     ).setServiceParent(top)
     return top

@@ -28,18 +28,14 @@ from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from mtproxy_tw._fakemiddle import FakeConfigServer, FakeMiddleProxy, config_text
-from mtproxy_tw.middle import (
-    ExternalAddress,
-    MEConnection,
-    MiddleProxy,
-    MiddleSettings,
-    StaticConfig,
-)
+from mtproxy_tw.config.cli import GeneratedOptions
+from mtproxy_tw.middle.address import ExternalAddress
+from mtproxy_tw.middle.cache import CONFIG_FILE, CONFIG_V6_FILE, SECRET_FILE
+from mtproxy_tw.middle.connection import MEConnection
+from mtproxy_tw.middle.settings import MiddleSettings, StaticConfig
+from mtproxy_tw.middle.telegramconfig import TelegramConfig
+from mtproxy_tw.middle.upstream import MiddleProxy
 from mtproxy_tw.middle_options import (
-    MIDDLE_FLAGS,
-    MIDDLE_PARAMETERS,
-    MiddleOptionsMixin,
     build_middle,
     middle_settings_from_options,
     parse_size,
@@ -47,12 +43,15 @@ from mtproxy_tw.middle_options import (
 from mtproxy_tw.proxy.core import ProxyCore
 from mtproxy_tw.services.proxy import ProxyService
 from mtproxy_tw.settings import Settings
-from mtproxy_tw.telegramconfig import CONFIG_FILE, CONFIG_V6_FILE, SECRET_FILE, TelegramConfig
 from mtproxy_tw.testing import (
     DOWNLOAD_CHUNK,
+    FakeConfigServer,
     FakeDC,
+    FakeMiddleProxy,
     ObfuscatedClient,
+    config_text,
     connect_client,
+    connect_protocol,
     download_chunk,
     download_request,
 )
@@ -845,9 +844,7 @@ class LoopbackTests(LoopbackHarness):
     async def _quick_ack(self, tag: bytes) -> None:
         await self.start()
         client = AckClient(CLASSIC.key, tag, 2)
-        from mtproxy_tw.testing import _connect
-
-        await _connect(reactor, LOCAL, self.port, client)
+        await connect_protocol(reactor, LOCAL, self.port, client)
         self.addCleanup(self._abort, client)
         payload = b"\x05\x06\x07\x08" + _payload(28)
         client.send_stream(codec_for_tag(tag).encode(payload, quick_ack=True))
@@ -1150,9 +1147,8 @@ class SecretRotationTests(LoopbackHarness):
 # -- options
 
 
-class _Options(MiddleOptionsMixin, usage.Options):
-    optFlags = [["prefer-ipv6", None, "IPv6."], *MIDDLE_FLAGS]
-    optParameters = [["connect-timeout", None, "10", "Seconds."], *MIDDLE_PARAMETERS]
+class _Options(GeneratedOptions):
+    pass
 
 
 def _parse(*argv: str) -> MiddleSettings | None:

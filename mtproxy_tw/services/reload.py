@@ -1,5 +1,6 @@
 """
-SIGHUP: apply a new set of secrets without dropping other connections.
+SIGHUP: apply a new set of secrets without dropping other connections,
+from ``--secrets-file`` and from the ``--config`` file.
 """
 
 from __future__ import annotations
@@ -14,10 +15,15 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.logger import Logger
 
+from mtproxy_tw.config import tomlfile
+from mtproxy_tw.config.schema import OPTIONS
 from mtproxy_tw.services.proxy import ProxyService
 from mtproxy_tw.wire.secrets import Secret, SecretError, parse_secrets_text
 
-__all__ = ["SecretsReloader", "read_secrets_file"]
+__all__ = ["ConfigFile", "SecretsReloader", "read_secrets_file"]
+
+#: What SIGHUP applies from the config file; every other key needs a restart.
+_LIVE = {o.name for o in OPTIONS if o.live}
 
 
 def read_secrets_file(path: Path) -> list[Secret]:
@@ -29,6 +35,51 @@ def read_secrets_file(path: Path) -> list[Secret]:
     except (OSError, UnicodeDecodeError) as e:
         raise SecretError(f"cannot read {path}: {e}") from None
     return parse_secrets_text(text)
+
+
+@dataclasses.dataclass
+class ConfigFile:
+    """
+    The ``--config`` file as the proxy started with it.
+
+    :ivar given: options given on the command line, which the file does not
+        override.
+    :ivar loaded: the options the file set when last applied.
+    """
+
+    path: Path
+    given: set[str]
+    loaded: dict[str, Any]
+    cli_secrets: tuple[Secret, ...] = ()
+    cli_secrets_file: Path | None = None
+
+    def reread(self) -> tuple[tuple[Secret, ...] | None, Path | None, list[str]]:
+        """
+        The file's secrets (``None`` when it sets none), its secrets file, and
+        the keys that changed but need a restart.
+
+        :raises tomlfile.ConfigError: the file cannot be used; nothing changes.
+        """
+        new = tomlfile.load(self.path)
+        keys = set(new) | set(self.loaded)
+        stale = sorted(
+            name
+            for name in keys
+            if name not in _LIVE
+            and name not in self.given
+            and new.get(name) != self.loaded.get(name)
+        )
+        self.loaded = new
+        if "secret" in self.given:
+            secrets: tuple[Secret, ...] | None = self.cli_secrets
+        else:
+            secrets = tuple(new["secret"]) if "secret" in new else None
+        path = self.cli_secrets_file
+        if "secrets-file" not in self.given and "secrets-file" in new:
+            path = Path(new["secrets-file"])
+        elif "secrets-file" not in self.given:
+            path = None
+        return secrets, path, stale
 
 
 class SecretsReloader(Service):
@@ -49,7 +100,9 @@ class SecretsReloader(Service):
         fixed: Sequence[Secret],
         path: Path | None,
         announce: Callable[[Sequence[Secret]], None],
+        config: ConfigFile | None = None,
     ) -> None:
+        self.config = config
         self.proxy = proxy
         self.reactor = reactor
         self.fixed = tuple(fixed)
@@ -74,16 +127,21 @@ class SecretsReloader(Service):
 
     def reload(self) -> bool:
         """
-        Apply the secrets file now; return whether anything was applied.
+        Apply the secrets file (and the config file) now; return whether
+        anything was applied.
         """
-        if self.path is None:
-            self.log.info("SIGHUP: no --secrets-file, nothing to reload")
+        if self.config is not None and not self._reread_config():
             return False
-        try:
-            loaded = read_secrets_file(self.path)
-        except SecretError as e:
-            self.log.error("--secrets-file not reloaded: {error}", error=str(e))
+        if self.path is None and self.config is None:
+            self.log.info("SIGHUP: no --secrets-file or --config, nothing to reload")
             return False
+        loaded: list[Secret] = []
+        if self.path is not None:
+            try:
+                loaded = read_secrets_file(self.path)
+            except SecretError as e:
+                self.log.error("--secrets-file not reloaded: {error}", error=str(e))
+                return False
         names = {s.name for s in self.fixed}
         clash = next((s.name for s in loaded if s.name in names), None)
         if clash is not None:
@@ -121,4 +179,23 @@ class SecretsReloader(Service):
                 count=len(self.fixed),
             )
         self.announce(added)
+        return True
+
+    def _reread_config(self) -> bool:
+        assert self.config is not None
+        try:
+            secrets, path, stale = self.config.reread()
+        except tomlfile.ConfigError as e:
+            self.log.error("--config not reloaded: {error}", error=str(e))
+            return False
+        if stale:
+            self.log.warn(
+                "--config: {keys} changed in {path}; restart the proxy to apply "
+                "(only secret and secrets_file apply on SIGHUP)",
+                keys=", ".join(k.replace("-", "_") for k in stale),
+                path=str(self.config.path),
+            )
+        if secrets is not None:
+            self.fixed = secrets
+        self.path = path
         return True

@@ -1,0 +1,408 @@
+"""
+Every option of ``twist mtproxy``, once: its name, kind, default, help text
+and check.
+
+The command line (:mod:`mtproxy_tw.tap`) is generated from this table, the
+config file (:mod:`.tomlfile`) accepts the same names with ``_`` for ``-``,
+the runtime settings take their defaults from it, and the option reference
+in README.md and docs/usage.rst is generated from it
+(:mod:`.reference`). It imports no Twisted.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from mtproxy_tw.config import values
+from mtproxy_tw.wire.secrets import Mode
+
+__all__ = ["OPTIONS", "Kind", "Option", "default", "option"]
+
+
+class Kind(enum.Enum):
+    PARAM = "parameter"
+    FLAG = "flag"
+    LIST = "repeatable"
+
+
+@dataclass(frozen=True)
+class Option:
+    """
+    One option.
+
+    :ivar parse: turns the value as given into its typed form, raising
+        ``ValueError`` with the reason; for a ``LIST`` it takes the list.
+    :ivar toml: the TOML value types the file may give (a repeatable
+        option's items; a string also stands for a one-item list).
+    :ivar shown: how the default reads in the docs, when it is not simply
+        the value (``None`` defaults read as nothing).
+    :ivar live: applied on SIGHUP; every other key needs a restart.
+    """
+
+    name: str
+    help: str
+    kind: Kind = Kind.PARAM
+    default: Any = None
+    parse: Callable[[Any], Any] = values.text
+    toml: tuple[type, ...] = (str,)
+    metavar: str = ""
+    shown: str | None = None
+    section: str = "proxy"
+    live: bool = False
+    short: str | None = None
+
+    @property
+    def key(self) -> str:
+        """
+        The config-file key.
+        """
+        return self.name.replace("-", "_")
+
+    def shown_default(self) -> str:
+        if self.shown is not None:
+            return self.shown
+        if self.kind is not Kind.PARAM or self.default is None:
+            return ""
+        if isinstance(self.default, float) and self.default.is_integer():
+            return str(int(self.default))
+        return str(self.default)
+
+
+_NUMBER = (int, float)
+_WHOLE = (int,)
+
+OPTIONS: tuple[Option, ...] = (
+    # -- where it listens, and what it is
+    Option(
+        "config",
+        "A TOML file of options (the keys are the long options with _ for -); "
+        "options given on the command line win. Re-read on SIGHUP.",
+        metavar="FILE",
+        section="proxy",
+    ),
+    Option(
+        "port",
+        "TCP port to listen on, all IPv4 interfaces.",
+        parse=values.port,
+        toml=_WHOLE,
+        metavar="N",
+        shown="443",
+        short="p",
+    ),
+    Option(
+        "listen",
+        "A Twisted endpoint to listen on instead of --port, e.g. tcp6:443, "
+        "tcp:8443:interface=127.0.0.1, systemd:domain=INET:index=0, haproxy:tcp:443.",
+        kind=Kind.LIST,
+        parse=values.listen,
+        metavar="ENDPOINT",
+    ),
+    Option(
+        "secret",
+        "[NAME=]SECRET: 32 hex (classic), dd+32 hex (secure) or ee+32 hex+hex(domain) (fake TLS).",
+        kind=Kind.LIST,
+        parse=values.secrets,
+        metavar="SECRET",
+        live=True,
+    ),
+    Option(
+        "secrets-file",
+        "File of [NAME=]SECRET lines (# comments), re-read on SIGHUP; an empty one "
+        "refuses the start.",
+        metavar="FILE",
+        live=True,
+    ),
+    Option(
+        "state-dir",
+        "Directory for state kept across restarts (a generated secret, Telegram's config).",
+        metavar="DIR",
+        shown="~/.local/share/mtproxy-tw",
+    ),
+    Option("public-host", "Host name or address put in the printed links.", metavar="HOST"),
+    Option(
+        "modes",
+        "Client modes accepted: classic, secure, tls (comma separated).",
+        default=frozenset(Mode),
+        shown="classic,secure,tls",
+        parse=values.modes,
+        toml=(str, list),
+        metavar="LIST",
+    ),
+    # -- Telegram's data centres
+    Option(
+        "dc",
+        "ID=HOST:PORT overrides one DC's address, e.g. -2=[::1]:443 for a media DC.",
+        kind=Kind.LIST,
+        parse=values.dc_overrides,
+        metavar="ID=HOST:PORT",
+    ),
+    Option("prefer-ipv6", "Connect to Telegram over IPv6.", kind=Kind.FLAG, toml=(bool,)),
+    Option(
+        "no-fast-mode",
+        "Re-encrypt the download direction instead of letting the DC encrypt for the client.",
+        kind=Kind.FLAG,
+        toml=(bool,),
+    ),
+    # -- limits and timeouts
+    Option(
+        "handshake-timeout",
+        "Seconds a client has to complete its handshake.",
+        default=10.0,
+        parse=values.number(0, above=True),
+        toml=_NUMBER,
+        metavar="S",
+        section="limits",
+    ),
+    Option(
+        "idle-timeout",
+        "Seconds without traffic either way before a connection is closed.",
+        default=300.0,
+        parse=values.number(0, above=True),
+        toml=_NUMBER,
+        metavar="S",
+        section="limits",
+    ),
+    Option(
+        "connect-timeout",
+        "Seconds to connect to Telegram.",
+        default=10.0,
+        parse=values.number(0, above=True),
+        toml=_NUMBER,
+        metavar="S",
+        section="limits",
+    ),
+    Option(
+        "max-connections",
+        "Most client connections at once; when full, the oldest connection still in "
+        "its handshake makes room.",
+        default=10000,
+        parse=values.whole(1),
+        toml=_WHOLE,
+        metavar="N",
+        section="limits",
+    ),
+    Option(
+        "max-handshakes",
+        "Most connections in their handshake at once; a new one replaces the oldest.",
+        parse=values.whole(1),
+        toml=_WHOLE,
+        metavar="N",
+        shown="max-connections / 4, at least 16",
+        section="limits",
+    ),
+    Option(
+        "replay-capacity",
+        "Handshakes remembered against replays.",
+        default=65536,
+        parse=values.whole(1),
+        toml=_WHOLE,
+        metavar="N",
+        section="limits",
+    ),
+    Option(
+        "replay-window",
+        "Seconds a handshake is remembered (at least twice --tls-time-skew).",
+        default=600.0,
+        parse=values.number(0, above=True),
+        toml=_NUMBER,
+        metavar="S",
+        section="limits",
+    ),
+    Option(
+        "drain-timeout",
+        "On SIGTERM, seconds busy connections get to finish before they are cut.",
+        default=5.0,
+        parse=values.number(0),
+        toml=_NUMBER,
+        metavar="S",
+        section="limits",
+    ),
+    Option(
+        "stats-interval",
+        "Seconds between one-line counter summaries in the log (0: none).",
+        default=600.0,
+        parse=values.number(0),
+        toml=_NUMBER,
+        metavar="S",
+        section="limits",
+    ),
+    # -- fake TLS and fronting
+    Option(
+        "tls-domain",
+        "Another fake-TLS domain for the ee secrets (the one inside each ee secret is "
+        "always served).",
+        kind=Kind.LIST,
+        parse=values.domains,
+        metavar="DOMAIN",
+        section="fronting",
+    ),
+    Option(
+        "tls-time-skew",
+        "Seconds a fake-TLS client's clock may be off.",
+        default=300.0,
+        parse=values.number(0, above=True),
+        toml=_NUMBER,
+        metavar="S",
+        section="fronting",
+    ),
+    Option(
+        "mask-host",
+        "HOST[:PORT] failed handshakes are fronted to.",
+        parse=values.host_port,
+        metavar="HOST[:PORT]",
+        shown="the SNI's domain on 443",
+        section="fronting",
+    ),
+    Option(
+        "mask",
+        "Front bad classic/dd handshakes and plain HTTP too (the default when an ee "
+        "secret is set); fake-TLS failures are always fronted.",
+        kind=Kind.FLAG,
+        toml=(bool,),
+        section="fronting",
+    ),
+    Option(
+        "no-mask",
+        "Close bad classic/dd handshakes instead of fronting them.",
+        kind=Kind.FLAG,
+        toml=(bool,),
+        section="fronting",
+    ),
+    Option(
+        "mask-proxy-protocol",
+        "Send a PROXY protocol v1 header to the mask host.",
+        kind=Kind.FLAG,
+        toml=(bool,),
+        section="fronting",
+    ),
+    # -- middle-proxy mode
+    Option(
+        "ad-tag",
+        "Ad tag from @MTProxybot (32 hex digits); turns middle-proxy mode on.",
+        parse=values.ad_tag,
+        metavar="HEX",
+        section="middle",
+    ),
+    Option(
+        "upstream",
+        "middle or direct: how clients reach Telegram.",
+        parse=values.upstream,
+        metavar="KIND",
+        shown="middle with --ad-tag, else direct",
+        section="middle",
+    ),
+    Option(
+        "nat-ip",
+        "The proxy's public IPv4 or IPv6 address as the middle proxies see it (one of "
+        "each at most).",
+        kind=Kind.LIST,
+        parse=values.nat_ips,
+        metavar="ADDRESS",
+        shown="",
+        section="middle",
+    ),
+    Option(
+        "ip-lookup-url",
+        "URL answering the proxy's public address, when it is behind NAT and no "
+        "--nat-ip is given.",
+        default="https://icanhazip.com/",
+        parse=values.url,
+        metavar="URL",
+        section="middle",
+    ),
+    Option(
+        "proxy-config-url",
+        "Where to fetch the IPv4 middle proxies.",
+        default="https://core.telegram.org/getProxyConfig",
+        parse=values.url,
+        metavar="URL",
+        section="middle",
+    ),
+    Option(
+        "proxy-config-v6-url",
+        "Where to fetch the IPv6 middle proxies.",
+        default="https://core.telegram.org/getProxyConfigV6",
+        parse=values.url,
+        metavar="URL",
+        section="middle",
+    ),
+    Option(
+        "proxy-secret-url",
+        "Where to fetch the middle-proxy secret.",
+        default="https://core.telegram.org/getProxySecret",
+        parse=values.url,
+        metavar="URL",
+        section="middle",
+    ),
+    Option(
+        "config-refresh",
+        "Seconds between downloads of the middle-proxy config and secret.",
+        default=3600.0,
+        parse=values.number(1),
+        toml=_NUMBER,
+        metavar="S",
+        section="middle",
+    ),
+    Option(
+        "direct-fallback",
+        "When every middle proxy of a DC is unreachable, carry its clients to the DC "
+        "directly (without the ad tag); always on without --ad-tag.",
+        kind=Kind.FLAG,
+        toml=(bool,),
+        section="middle",
+    ),
+    Option(
+        "middle-pool-min",
+        "Connections kept to the middle proxies of each DC in use.",
+        default=2,
+        parse=values.whole(1, 1000),
+        toml=_WHOLE,
+        metavar="N",
+        section="middle",
+    ),
+    Option(
+        "middle-pool-max",
+        "Most connections to the middle proxies of one DC.",
+        default=8,
+        parse=values.whole(1, 1000),
+        toml=_WHOLE,
+        metavar="N",
+        section="middle",
+    ),
+    Option(
+        "middle-clients-per-connection",
+        "Clients per middle-proxy connection before the pool opens another.",
+        default=300,
+        parse=values.whole(1, 1 << 20),
+        toml=_WHOLE,
+        metavar="N",
+        section="middle",
+    ),
+    Option(
+        "client-buffer-cap",
+        "Bytes queued toward one slow client in middle-proxy mode before it alone is "
+        "closed (suffixes K, M, G; at least 64K).",
+        default=8 << 20,
+        parse=values.size_at_least(64 << 10),
+        toml=(int, str),
+        metavar="SIZE",
+        shown="8M",
+        section="middle",
+    ),
+)
+
+_BY_NAME = {o.name: o for o in OPTIONS}
+
+
+def option(name: str) -> Option:
+    return _BY_NAME[name]
+
+
+def default(name: str) -> Any:
+    """
+    The default of an option, for the runtime settings' fields.
+    """
+    return _BY_NAME[name].default

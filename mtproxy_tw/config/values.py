@@ -1,0 +1,215 @@
+"""
+Checks for option values, shared by the command line and the config file.
+
+Each takes the value as given (a string from the command line, or a TOML
+value of an accepted type) and returns it typed, or raises
+:class:`ValueError` saying why in a few words (without the option's name:
+the caller adds ``--name:`` or ``FILE: key:``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+from mtproxy_tw.wire.dcs import Address, parse_address, parse_dc_override
+from mtproxy_tw.wire.secrets import Mode, Secret, SecretError, parse_secret
+
+__all__ = [
+    "ad_tag",
+    "dc_overrides",
+    "domains",
+    "host_port",
+    "listen",
+    "modes",
+    "nat_ips",
+    "number",
+    "port",
+    "secrets",
+    "size",
+    "size_at_least",
+    "text",
+    "upstream",
+    "url",
+    "whole",
+]
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+_HEX32 = re.compile(r"[0-9A-Fa-f]{32}")
+_SIZE = re.compile(r"([0-9]+)([KMG]?)(?:i?B)?", re.IGNORECASE)
+_HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252})")
+
+
+def text(value: Any) -> str:
+    return str(value)
+
+
+def number(low: float, *, above: bool = False) -> Callable[[Any], float]:
+    """
+    A number of at least ``low`` (greater than it with ``above``).
+    """
+
+    def check(value: Any) -> float:
+        if isinstance(value, bool):
+            raise ValueError(f"{value!r} is not a number")
+        try:
+            result = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{value!r} is not a number") from None
+        if above and not result > low:
+            raise ValueError(f"must be greater than {low:g}")
+        if not result >= low:
+            raise ValueError(f"must be at least {low:g}")
+        return result
+
+    return check
+
+
+def whole(low: int = 1, high: int | None = None) -> Callable[[Any], int]:
+    """
+    A whole number from ``low`` to ``high``.
+    """
+
+    def check(value: Any) -> int:
+        if isinstance(value, bool | float):
+            raise ValueError(f"{value!r} is not a whole number")
+        try:
+            result = int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{value!r} is not a whole number") from None
+        if result < low:
+            raise ValueError(f"must be at least {low}")
+        if high is not None and result > high:
+            raise ValueError(f"must be at most {high}")
+        return result
+
+    return check
+
+
+def size(value: Any) -> int:
+    """
+    ``1048576``, ``512K``, ``8M``, ``1G`` (binary multiples) to bytes.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    match = _SIZE.fullmatch(str(value).strip())
+    if match is None:
+        raise ValueError(f"{value!r} is not a size (e.g. 8M)")
+    digits, unit = match.groups()
+    return int(digits) << {"": 0, "K": 10, "M": 20, "G": 30}[unit.upper()]
+
+
+def size_at_least(low: int) -> Callable[[Any], int]:
+    def check(value: Any) -> int:
+        result = size(value)
+        if result < low:
+            raise ValueError(f"must be at least {low >> 10}K")
+        return result
+
+    return check
+
+
+def url(value: Any) -> str:
+    result = str(value)
+    try:
+        parts = urlsplit(result)
+    except ValueError:
+        raise ValueError(f"{result!r} is not a URL") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("use an http:// or https:// URL")
+    return result
+
+
+def modes(value: Any) -> frozenset[Mode]:
+    names = value if isinstance(value, list) else str(value).split(",")
+    try:
+        result = frozenset(Mode(str(m).strip()) for m in names if str(m).strip())
+    except ValueError:
+        raise ValueError("use classic, secure and tls, comma separated") from None
+    if not result:
+        raise ValueError("at least one mode is needed")
+    return result
+
+
+def host_port(value: Any) -> Address:
+    return parse_address(str(value), default_port=443)
+
+
+def ad_tag(value: Any) -> bytes:
+    tag = str(value).strip()
+    if not _HEX32.fullmatch(tag):
+        raise ValueError("must be 32 hex digits (from @MTProxybot)")
+    return bytes.fromhex(tag)
+
+
+def upstream(value: Any) -> str:
+    if value not in ("middle", "direct"):
+        raise ValueError("use middle or direct")
+    return str(value)
+
+
+def port(value: Any) -> int:
+    result = whole(0)(value)
+    if result >= 65536:
+        raise ValueError(f"{result} is out of range")
+    return result
+
+
+# -- repeatable options: each takes the whole list
+
+
+def secrets(items: Sequence[Any]) -> list[Secret]:
+    result: list[Secret] = []
+    for item in items:
+        try:
+            secret = parse_secret(str(item), f"secret{len(result) + 1}")
+        except SecretError as e:
+            raise ValueError(str(e)) from None
+        if any(s.name == secret.name for s in result):
+            raise ValueError(f"the name {secret.name!r} is used twice")
+        result.append(secret)
+    return result
+
+
+def dc_overrides(items: Sequence[Any]) -> dict[int, Address]:
+    result: dict[int, Address] = {}
+    for item in items:
+        dc, address = parse_dc_override(str(item))
+        result[dc] = address
+    return result
+
+
+def domains(items: Sequence[Any]) -> list[str]:
+    result = []
+    for item in items:
+        domain = str(item)
+        if not _HOST.fullmatch(domain) or ".." in domain:
+            raise ValueError(f"{domain!r} is not a host name")
+        result.append(domain.lower())
+    return result
+
+
+def listen(items: Sequence[Any]) -> list[str]:
+    return [str(item) for item in items]
+
+
+def nat_ips(items: Sequence[Any]) -> list[IPAddress]:
+    result: list[IPAddress] = []
+    for item in items:
+        if isinstance(item, ipaddress.IPv4Address | ipaddress.IPv6Address):
+            ip = item
+        else:
+            try:
+                ip = ipaddress.ip_address(str(item).strip().strip("[]"))
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IPv4 or IPv6 address") from None
+        if ip.is_unspecified or ip.is_multicast:
+            raise ValueError(f"{ip} cannot be a host's address")
+        if any(a.version == ip.version for a in result):
+            raise ValueError(f"more than one IPv{ip.version} address")
+        result.append(ip)
+    return result
