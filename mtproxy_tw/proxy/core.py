@@ -7,9 +7,8 @@ from __future__ import annotations
 import ipaddress
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
-from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 
 from mtproxy_tw.fronting.profile import TLSProfile
@@ -122,6 +121,3 @@ class ProxyCore:
         if ip.version == 6:
             return TCP6ClientEndpoint(self.reactor, address.host, address.port, timeout)
         return TCP4ClientEndpoint(self.reactor, address.host, address.port, timeout)
-
-    def connect(self, address: Address, factory: IProtocolFactory) -> Deferred[IProtocol]:
-        return self.endpoint(address).connect(factory)

@@ -164,7 +164,9 @@ class MemoryPump(iosim.IOPump):  # type: ignore[misc]
         if self.clientIO.disconnected:
             return False
         for end, _ in ends:
-            end._checkProducer()
+            # A pull producer is asked for more at every turn, as iosim does.
+            if end.producer is not None and not end.streamingProducer:
+                end.producer.resumeProducing()
         moved = False
         for source, sink in ends:
             if source.aborted or not sink.can_read() or not source.buffered():
