@@ -142,7 +142,10 @@ class FuzzTests(SynchronousTestCase):
             protocol.makeConnection(transport)
             for chunk in chunks:
                 protocol.dataReceived(chunk)
-                self.assertLessEqual(protocol.handshake.buffered, 17000 + 64 + len(chunk))
+                self.assertLessEqual(
+                    (protocol.handshake.buffered if protocol.handshake else 0),
+                    17000 + 64 + len(chunk),
+                )
             reactor.advance(config.handshake_timeout)
             protocol.connectionLost()
             self.assertEqual(core.clients, set())

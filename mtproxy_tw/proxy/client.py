@@ -60,7 +60,8 @@ class ClientProtocol(Protocol):
         self.core = core
         self.settings = core.settings
         self.state = State.HANDSHAKING
-        self.handshake = Handshake(
+        #: The handshake machine, until it has decided.
+        self.handshake: Handshake | None = Handshake(
             self.settings, core.replay, lambda domain: core.tls_profiles.get(domain)
         )
         self.user: str | None = None
@@ -181,11 +182,13 @@ class ClientProtocol(Protocol):
     # -- handshake
 
     def _read_handshake(self, data: bytes) -> None:
+        assert self.handshake is not None
         self._decided(self.handshake.feed(data, self.core.reactor.seconds()))
 
     def _handshake_timed_out(self) -> None:
         self._timer = None
-        self._decided(self.handshake.timed_out())
+        if self.handshake is not None:
+            self._decided(self.handshake.timed_out())
 
     def _decided(self, decision: Decision) -> None:
         reply = getattr(decision, "reply", b"")
@@ -193,6 +196,7 @@ class ClientProtocol(Protocol):
             self.transport.write(reply)
         if isinstance(decision, NeedMore):
             return
+        self.handshake = None  # decided: its memory goes
         self.core.handshake_over(self)
         if isinstance(decision, Accept):
             self._start(decision)

@@ -145,6 +145,18 @@ class Handshake:
         domain has no profile.
     """
 
+    __slots__ = (
+        "_buffer",
+        "_profile",
+        "_records",
+        "_replay",
+        "_size",
+        "_sni",
+        "_state",
+        "_tls_secret",
+        "policy",
+    )
+
     def __init__(
         self,
         policy: HandshakePolicy,
