@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import random
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -11,9 +12,12 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mtproxy_tw.wire.faketls import (
     BOOT_TIME_MAX,
+    FULL_RECORD,
+    MIN_RECORD,
     ClientHello,
     HelloRecord,
     NeedMore,
+    RecordWriter,
     TLSError,
     TLSRecordReader,
     build_client_hello,
@@ -319,7 +323,7 @@ class ServerHelloTests(SynchronousTestCase):
     def test_bad_lengths(self) -> None:
         args = (SECRET, VECTOR_RANDOM, SESSION_ID)
         self.assertRaises(ValueError, build_server_hello, *args, app_data_len=0)
-        self.assertRaises(ValueError, build_server_hello, *args, app_data_len=16385)
+        self.assertRaises(ValueError, build_server_hello, *args, app_data_len=16402)
         self.assertRaises(ValueError, build_server_hello, *args, filler=b"")
         mismatch = {"filler": SERVER_FILLER, "app_data_len": 63}
         self.assertRaises(ValueError, build_server_hello, *args, **mismatch)
@@ -329,11 +333,11 @@ class RecordTests(SynchronousTestCase):
     def test_wrap(self) -> None:
         self.assertEqual(wrap_records(b""), b"")
         self.assertEqual(wrap_records(b"hello"), b"\x17\x03\x03\x00\x05hello")
-        self.assertEqual(wrap_records(bytes(16384))[:5], b"\x17\x03\x03\x40\x00")
-        self.assertEqual(len(wrap_records(bytes(16384))), 16389)
-        two = wrap_records(bytes(16385))
-        self.assertEqual(len(two), 16385 + 10)
-        self.assertEqual(two[16389:16394], b"\x17\x03\x03\x00\x01")
+        self.assertEqual(wrap_records(bytes(16401))[:5], b"\x17\x03\x03\x40\x11")
+        self.assertEqual(len(wrap_records(bytes(16401))), 16406)
+        two = wrap_records(bytes(16402))
+        self.assertEqual(len(two), 16402 + 10)
+        self.assertEqual(two[16406:16411], b"\x17\x03\x03\x00\x01")
         self.assertEqual(
             wrap_records(b"abcde", max_payload=2),
             b"".join(b"\x17\x03\x03\x00" + bytes((len(p),)) + p for p in (b"ab", b"cd", b"e")),
@@ -376,6 +380,95 @@ class RecordTests(SynchronousTestCase):
         stream = wrap_records(b"x" * 5000, max_payload=100)
         self.assertEqual(reader.feed(stream[:150]), b"x" * 100)
         self.assertEqual(reader.feed(stream[150:]), b"x" * 4900)
+
+
+def record_payloads(wire: bytes) -> list[bytes]:
+    """The payloads of a run of whole ``17 03 03`` records."""
+    out, pos = [], 0
+    while pos < len(wire):
+        assert wire[pos : pos + 3] == b"\x17\x03\x03", wire[pos : pos + 5]
+        size = int.from_bytes(wire[pos + 3 : pos + 5], "big")
+        out.append(wire[pos + 5 : pos + 5 + size])
+        assert len(out[-1]) == size
+        pos += 5 + size
+    return out
+
+
+def record_sizes(wire: bytes) -> list[int]:
+    return [len(p) for p in record_payloads(wire)]
+
+
+class RecordWriterTests(SynchronousTestCase):
+    """The download direction, sized as a TLS 1.3 server with dynamic record sizing."""
+
+    def test_a_full_record_is_a_tls13_one(self) -> None:
+        self.assertEqual(FULL_RECORD, 2**14 + 1 + 16)
+        self.assertEqual(MIN_RECORD, 18)
+
+    def test_burst_ramps_up_to_full_records(self) -> None:
+        writer = RecordWriter(small=1400)
+        data = random.Random(1).randbytes(1 << 20)
+        wire = writer.wrap(data, 100.0)
+        payloads = record_payloads(wire)
+        self.assertEqual(b"".join(payloads), data)
+        sizes = [len(p) for p in payloads]
+        self.assertEqual(sizes[:40], [1400] * 40)
+        self.assertEqual(sizes[40:80], [4246] * 40)
+        self.assertEqual(set(sizes[80:-1]), {FULL_RECORD})
+        self.assertEqual(sum(sizes), 1 << 20)
+        # Later writes of the burst: full records from the first.
+        self.assertEqual(
+            record_sizes(writer.wrap(bytes(3 * FULL_RECORD + 100), 100.5)),
+            [FULL_RECORD, FULL_RECORD, FULL_RECORD, 100],
+        )
+        self.assertEqual(record_sizes(writer.wrap(bytes(FULL_RECORD), 101.4)), [FULL_RECORD])
+
+    def test_ramp_spans_writes(self) -> None:
+        writer = RecordWriter(small=1400, ramp=2)
+        sizes = [record_sizes(writer.wrap(bytes(1000), 5.0 + i / 10)) for i in range(5)]
+        self.assertEqual(sizes, [[1000]] * 5)  # each write fits one record
+        self.assertEqual(record_sizes(writer.wrap(bytes(30000), 5.5)), [16401, 13599])
+
+    def test_idle_starts_a_new_burst(self) -> None:
+        writer = RecordWriter(small=1400)
+        writer.wrap(bytes(1 << 20), 0.0)
+        self.assertEqual(record_sizes(writer.wrap(bytes(20000), 0.875)), [16401, 3599])
+        # 0.875 s after the previous write: still the same burst.
+        self.assertEqual(record_sizes(writer.wrap(bytes(20000), 1.75)), [16401, 3599])
+        # A second without sending: small records again.
+        self.assertEqual(record_sizes(writer.wrap(bytes(5000), 2.75)), [1400, 1400, 1400, 800])
+        # An empty write sends nothing and is not activity.
+        writer.wrap(bytes(1 << 20), 3.0)
+        self.assertEqual(writer.wrap(b"", 3.5), b"")
+        self.assertEqual(record_sizes(writer.wrap(bytes(2000), 4.25)), [1400, 600])
+
+    def test_no_record_shorter_than_an_aead_record(self) -> None:
+        writer = RecordWriter(small=1400, ramp=0)
+        self.assertEqual(record_sizes(writer.wrap(bytes(FULL_RECORD + 5), 0.0)), [16388, 18])
+        self.assertEqual(record_sizes(writer.wrap(bytes(FULL_RECORD + 17), 0.0)), [16400, 18])
+        self.assertEqual(record_sizes(writer.wrap(bytes(FULL_RECORD + 18), 0.0)), [16401, 18])
+        # A write that small is one record: nothing else is there to send.
+        self.assertEqual(record_sizes(writer.wrap(b"abc", 0.0)), [3])
+        small = RecordWriter(small=1400)
+        self.assertEqual(record_sizes(small.wrap(bytes(1401), 0.0)), [1383, 18])
+
+    def test_small_records_vary_per_connection(self) -> None:
+        rng = random.Random(7)
+        firsts = {
+            record_sizes(RecordWriter(rng=rng).wrap(bytes(9000), 0.0))[0] for _ in range(200)
+        }
+        self.assertLessEqual(min(firsts), 1369 + 17 + 3)
+        self.assertGreaterEqual(max(firsts), 1400 + 17 - 3)
+        self.assertTrue(firsts <= set(range(1369 + 17, 1400 + 17 + 1)), firsts)
+        # Within a connection the small size stays.
+        writer = RecordWriter(rng=rng)
+        self.assertEqual(len(set(record_sizes(writer.wrap(bytes(30000), 0.0))[:-2])), 1)
+
+    def test_other_limits(self) -> None:
+        writer = RecordWriter(full=0xFFFF, ramp=0)
+        self.assertEqual(record_sizes(writer.wrap(bytes(70000), 0.0)), [0xFFFF, 70000 - 0xFFFF])
+        for bad in ({"full": 0x10000}, {"small": 20}, {"small": 5000}, {"ramp": -1}):
+            self.assertRaises(ValueError, RecordWriter, **bad)
 
 
 def reference_read(stream: bytes) -> bytes:
@@ -460,6 +553,62 @@ class PropertyTests(SynchronousTestCase):
             self.assertIsNone(expected)
         else:
             self.assertEqual(b"".join(out), expected)
+
+    @fast
+    @given(
+        writes=st.lists(
+            st.tuples(
+                st.integers(0, 5000) | st.sampled_from([1, 17, 18, 19, 35, 36, 37]),
+                st.sampled_from([0.0, 0.001, 0.5, 0.999, 1.0, 30.0]),
+            ),
+            max_size=30,
+        ),
+        small=st.integers(2 * MIN_RECORD, 400),
+        extra=st.tuples(st.integers(0, 300), st.integers(0, 300)),
+        ramp=st.integers(0, 4),
+    )
+    def test_record_writer(
+        self,
+        writes: list[tuple[int, float]],
+        small: int,
+        extra: tuple[int, int],
+        ramp: int,
+    ) -> None:
+        medium, full = small + extra[0], small + extra[0] + extra[1]
+        writer = RecordWriter(small=small, medium=medium, full=full, ramp=ramp)
+        rng = random.Random(len(writes))
+        now, last = 1000.0, None
+        sent = 0  # records of the burst so far
+        for size, gap in writes:
+            now += gap
+            data = rng.randbytes(size)
+            payloads = record_payloads(writer.wrap(data, now))
+            self.assertEqual(b"".join(payloads), data)
+            if not data:
+                self.assertEqual(payloads, [])
+                continue
+            burst = last is None or now - last >= 1.0
+            last = now
+            if burst:
+                sent = 0
+            sizes = [len(p) for p in payloads]
+            self.assertLessEqual(max(sizes), full)
+            if size >= MIN_RECORD:
+                self.assertGreaterEqual(min(sizes), MIN_RECORD)
+            else:
+                self.assertEqual(sizes, [size])
+            if burst and ramp:
+                self.assertLessEqual(sizes[0], small)
+            # Every record but a write's last two is exactly its phase's size; the
+            # one before the last gave the last some bytes at most.
+            for index, got in enumerate(sizes[:-1]):
+                nth = sent + index
+                limit = small if nth < ramp else medium if nth < 2 * ramp else full
+                if index < len(sizes) - 2:
+                    self.assertEqual(got, limit)
+                else:
+                    self.assertGreater(got, limit - MIN_RECORD)
+            sent += len(sizes)
 
     @fast
     @given(data=st.binary(max_size=2000) | st.binary(max_size=2000).map(b"\x16\x03\x01".__add__))

@@ -12,15 +12,22 @@ import socket
 import ssl
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, connectionDone
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
+from twisted.python.failure import Failure
+from twisted.python.filepath import FilePath
+from twisted.trial.unittest import SynchronousTestCase
 
+from mtproxy_tw.fronting import relay as front_relay
 from mtproxy_tw.fronting.profile import Observation, TLSProfile, parse_server_answer
+from mtproxy_tw.fronting.store import PROFILE_FILE
 from mtproxy_tw.proxy import client as relay
 from mtproxy_tw.proxy import legs
 from mtproxy_tw.services.proxy import ProxyService
@@ -36,10 +43,18 @@ from mtproxy_tw.testing import (
     connect_raw,
     make_codec,
 )
+from mtproxy_tw.testing.fakesite import MLKEM_SITES
+from mtproxy_tw.testing.memory import MemoryProxy
 from mtproxy_tw.testing.tlsclient import CCS, TDLIB_RECORD, records
 from mtproxy_tw.wire import faketls
 from mtproxy_tw.wire.dcs import Address, DCTable
-from mtproxy_tw.wire.faketls import NeedMore, build_client_hello
+from mtproxy_tw.wire.faketls import (
+    MLKEM768_SERVER_SHARE,
+    X25519,
+    X25519MLKEM768,
+    NeedMore,
+    build_client_hello,
+)
 from mtproxy_tw.wire.obfuscated2 import TAG_INTERMEDIATE, TAG_PADDED, generate_init
 from mtproxy_tw.wire.secrets import Mode, Secret, parse_secret
 from tests.test_integration import (
@@ -56,6 +71,8 @@ DOMAIN = "example.com"
 EE = parse_secret("erin=ee" + "e5" * 16 + DOMAIN.encode().hex(), "x")
 HTTP_REQUEST = b"GET / HTTP/1.1\r\nHost: example.com\r\nUser-Agent: probe\r\n\r\n"
 MiB = 1 << 20
+#: A mask host that is never served, in memory.
+SITE_DOWN = Address("127.0.0.1", 8443)
 
 
 def _payload(size: int) -> bytes:
@@ -70,6 +87,51 @@ def _app_data_len(flight: bytes) -> int:
     at = 5 + int.from_bytes(flight[3:5], "big") + len(CCS)
     assert flight[at : at + 3] == b"\x17\x03\x03", flight[at : at + 5].hex()
     return int.from_bytes(flight[at + 3 : at + 5], "big")
+
+
+def _hello_record(data: bytes | bytearray) -> bytes:
+    """
+    The first TLS record of ``data``.
+    """
+    return bytes(data[: 5 + int.from_bytes(data[3:5], "big")])
+
+
+def _offers_mlkem(hello: bytes | bytearray) -> bool:
+    """
+    Whether a ClientHello offers an X25519MLKEM768 key share.
+    """
+    groups = faketls.parse_client_hello(_hello_record(hello)).key_share_groups
+    return X25519MLKEM768 in groups
+
+
+def _key_share(hello: bytes) -> tuple[int, bytes]:
+    """
+    The group and key of a ServerHello record's key_share extension.
+    """
+    pos = 5 + 4 + 2 + 32
+    pos += 1 + hello[pos] + 3
+    end = pos + 2 + int.from_bytes(hello[pos : pos + 2], "big")
+    pos += 2
+    while pos < end:
+        kind = int.from_bytes(hello[pos : pos + 2], "big")
+        size = int.from_bytes(hello[pos + 2 : pos + 4], "big")
+        if kind == 0x0033:
+            body = hello[pos + 4 : pos + 4 + size]
+            return int.from_bytes(body[:2], "big"), body[4:]
+        pos += 4 + size
+    raise AssertionError("no key_share")
+
+
+class _ReasonClient(RawClient):
+    """
+    A :class:`RawClient` that keeps why its connection ended.
+    """
+
+    reason: Failure | None = None
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.reason = reason
+        super().connectionLost(reason)
 
 
 def _proxy_calls() -> list[IDelayedCall]:
@@ -443,42 +505,103 @@ class BadClientTests(FrontingHarness):
 
 class StalledClientTests(FrontingHarness):
     """
-    A client that stops in the middle of its handshake is fronted (or closed
-    once the proxy has answered) at the handshake timeout, and leaves
-    nothing behind when it goes.
+    A client that stops in the middle of its handshake gets the site's own
+    timing: its bytes reach the site at once (a shadow connection), and it
+    is closed when, and as, the site closes it, whatever the proxy's own
+    handshake timeout; it leaves nothing behind when it goes.
     """
 
-    async def _stalled(self, data: bytes) -> None:
+    async def _stalled(self, data: bytes, reason: str, site_timeout: float = 0.8) -> None:
         site = await self.site()
-        await self.start(site=site, handshake_timeout=0.5)
+        site.timeout = site_timeout
+        await self.start(site=site, handshake_timeout=0.2)
         started = reactor.seconds()
         client = await self.raw(data)
         conn = await self.reaches_site(site, data)
-        self.assertGreaterEqual(reactor.seconds() - started, 0.45)
-        self.assertEqual(self.stats.fronted, {"handshake-timeout": 1})
+        # The site has the bytes long before our own (short) timeout.
+        self.assertLess(reactor.seconds() - started, 0.2)
         self.assertEqual(self.dc_connections(), 0)
-        # The TLS site closes on bytes that cannot start a hello; else the
-        # client leaves.
-        site_closed = conn.closed
-        if not site_closed:
-            self.assertNotEqual(_proxy_calls(), [])  # the fronted pair's idle timer
-            client.transport.loseConnection()
-        await self.within(client.lost)
+        await self.within(client.lost, 5)
+        elapsed = reactor.seconds() - started
+        # Closed at the site's time (within a second), not at ours.
+        self.assertGreaterEqual(elapsed, site_timeout - 0.05)
+        self.assertLess(elapsed, site_timeout + 1.0)
         await self.within(conn.lost)
-        if site_closed:
-            self.assertEqual(bytes(client.received), bytes(conn.sent))
+        # What the site put on the wire before its close (a TLS stack may
+        # still try an alert after the socket is closing).
+        self.assertTrue(bytes(conn.sent).startswith(bytes(client.received)))
+        self.assertEqual(self.stats.fronted, {reason: 1})
         await self.no_clients()
         self.assertEqual(_proxy_calls(), [])
 
     def test_partial_hello(self) -> Deferred[None]:
         hello = build_client_hello(EE.key, DOMAIN, int(time.time()))
-        return self.run_async(self._stalled(hello[:100]))
+        return self.run_async(self._stalled(hello[:100], "incomplete"))
 
     def test_partial_hello_header(self) -> Deferred[None]:
-        return self.run_async(self._stalled(b"\x16\x03\x01"))
+        return self.run_async(self._stalled(b"\x16\x03\x01", "incomplete"))
+
+    def test_one_random_byte_mixed_secrets(self) -> Deferred[None]:
+        async def run() -> None:
+            site = await self.site()
+            site.timeout = 0.8
+            await self.start(secrets=(EE, CLASSIC), site=site, handshake_timeout=0.2)
+            started = reactor.seconds()
+            client = await self.raw(b"\x01")
+            await self.reaches_site(site, b"\x01")
+            await self.within(client.lost, 5)
+            self.assertGreaterEqual(reactor.seconds() - started, 0.75)
+            self.assertEqual(self.stats.fronted, {"incomplete": 1})
+
+        return self.run_async(run())
+
+    async def _garbage_ee_only(self) -> None:
+        """
+        With only ee secrets no init can be valid: a few random bytes go
+        to the site at once, and the client sees the site's answer and close
+        at once, as from a TLS server given a bad record header.
+        """
+        site = await self.site()
+        site.timeout = 5.0
+        await self.start(site=site, handshake_timeout=3)
+        started = reactor.seconds()
+        data = b"\x01" + os.urandom(9)
+        client = await self.raw(data)
+        conn = await self.reaches_site(site, data)
+        await self.within(client.lost)
+        self.assertLess(reactor.seconds() - started, 1.0)
+        await self.within(conn.lost)
+        self.assertEqual(bytes(client.received), bytes(conn.sent))
+        self.assertEqual(self.stats.fronted, {"bad-init": 1})
 
     def test_partial_obfuscated2_init(self) -> Deferred[None]:
-        return self.run_async(self._stalled(b"\x01" + os.urandom(9)))
+        return self.run_async(self._garbage_ee_only())
+
+    async def _slow_honest_hello(self) -> None:
+        """
+        A real client's hello split over segments 0.3 s apart still
+        connects, although the proxy's handshake timeout is shorter.
+        """
+        site = await self.site()
+        await self.start(site=site, handshake_timeout=0.5)
+        hello = build_client_hello(EE.key, DOMAIN, int(reactor.seconds()))
+        raw = await self.raw(hello[:5])
+        for piece in (hello[5:300], hello[300:900], hello[900:]):
+            await deferLater(reactor, 0.3, lambda: None)
+            raw.transport.write(piece)
+        await self.until(
+            lambda: (
+                not isinstance(
+                    faketls.check_server_hello(bytes(raw.received), EE.key, hello[11:43]), NeedMore
+                )
+            ),
+            "the fake-TLS answer",
+        )
+        self.assertEqual(self.stats.fronted, {})
+        raw.transport.abortConnection()
+
+    def test_slow_honest_hello_connects(self) -> Deferred[None]:
+        return self.run_async(self._slow_honest_hello())
 
     async def _stalled_after_hello(self) -> None:
         site = await self.site()
@@ -517,12 +640,13 @@ class ProfileTests(FrontingHarness):
     size the fronted site's own first encrypted record has.
     """
 
-    async def _raw_probe(self, site: FakeSite) -> Observation:
+    async def _raw_probe(self, site: FakeSite, mlkem: bool = False) -> Observation:
         """
-        The site's answer to a hello it accepts, read off the wire.
+        The site's answer to a hello it accepts (the classic one, or the one
+        current apps send), read off the wire.
         """
         hello = build_client_hello(
-            os.urandom(16), DOMAIN, int(time.time()), consistent_grease=True
+            os.urandom(16), DOMAIN, int(time.time()), consistent_grease=True, mlkem=mlkem
         )
         client = await connect_raw(reactor, LOCAL, site.port_number, hello)
         self.addCleanup(self._abort, client)
@@ -554,32 +678,106 @@ class ProfileTests(FrontingHarness):
             await self._abort_tls(client)
         return seen
 
-    async def _measured(self) -> None:
-        site = await self.site()
+    async def _measured(self, **site_options: Any) -> tuple[FakeSite, Observation, Observation]:
+        site = await self.site(**site_options)
         await self.start(site=site)
         assert self.service.profiles is not None
         self.assertGreaterEqual(self.service.profiles.rounds, 1)
         probes = site.connections[: self.site_baseline]
-        self.assertEqual(len(probes), self.service.profiles.probes)
+        # Each shape of hello, as often.
+        shapes = Counter(_offers_mlkem(c.received) for c in probes)
+        self.assertEqual(shapes, {False: self.service.profiles.probes, True: shapes[False]})
         # What the probes really got from the site.
-        real = [parse_server_answer(bytes(c.sent)) for c in probes]
+        real = [(_offers_mlkem(c.received), parse_server_answer(bytes(c.sent))) for c in probes]
         self.assertIn(DOMAIN, self.service.core.tls_profiles, f"probes got {real!r}")
         profile = self.service.core.tls_profiles[DOMAIN]
         raw = await self._raw_probe(site)
+        raw_pq = await self._raw_probe(site, mlkem=True)
         self.assertEqual(set(profile.sizes), {raw.app_data_len})
-        # The probes saw the same flight; the site may add a record (an alert)
-        # once a probe has hung up, which the probe never reads.
-        for seen in real:
+        assert profile.pq is not None
+        self.assertEqual(set(profile.pq.sizes), {raw_pq.app_data_len})
+        self.assertEqual(profile.pq.group, raw_pq.group)
+        # The probes saw the same flights; the site may add a record (an
+        # alert) once a probe has hung up, which the probe never reads.
+        for mlkem, seen in real:
             assert isinstance(seen, Observation)
-            self.assertGreaterEqual(seen.app_data_len, raw.app_data_len)
-            self.assertEqual(seen.cipher_suite, raw.cipher_suite)
+            expected = raw_pq if mlkem else raw
+            self.assertGreaterEqual(seen.app_data_len, expected.app_data_len)
+            self.assertEqual(seen.cipher_suite, expected.cipher_suite)
+            self.assertEqual(seen.group, expected.group)
         self.assertEqual(profile.key_share_first, raw.key_share_first)
-        for answer in await self._sizes():
-            self.assertLessEqual(abs(answer.app_data_len - raw.app_data_len), 1)
-            self.assertEqual(answer.key_share_first, raw.key_share_first)
+        # Answers to each shape of hello are the site's to that shape.
+        for i, answer in enumerate(await self._sizes()):
+            expected = raw_pq if i % 2 else raw
+            self.assertEqual(answer.app_data_len, expected.app_data_len)
+            self.assertEqual(answer.key_share_first, expected.key_share_first)
+            self.assertEqual(answer.group, expected.group)
+        return site, raw, raw_pq
 
     def test_answer_size_follows_measured_site(self) -> Deferred[None]:
         return self.run_async(self._measured())
+
+    async def _mlkem_site(self) -> None:
+        """
+        A site that picks X25519MLKEM768 (OpenSSL >= 3.5): the proxy's answer
+        to a hello offering it has that group, a 1120-byte share, the
+        site's ServerHello length and the site's encrypted size for that
+        hello; the classic hello still gets x25519.
+        """
+        site, raw, raw_pq = await self._measured()
+        self.assertEqual((raw.group, raw_pq.group), (X25519, X25519MLKEM768))
+        site_pq = await self._raw_flight(site, mlkem=True)
+        site_classic = await self._raw_flight(site, mlkem=False)
+        for mlkem, site_flight in ((True, site_pq), (False, site_classic)):
+            client = await self.answered(mlkem=mlkem)
+            assert client.flight is not None
+            hello = _hello_record(client.flight)
+            self.assertEqual(len(hello), len(_hello_record(site_flight)))
+            group, share = _key_share(hello)
+            site_group, site_share = _key_share(_hello_record(site_flight))
+            self.assertEqual((group, len(share)), (site_group, len(site_share)))
+            await self._abort_tls(client)
+        self.assertEqual(len(_hello_record(site_pq)), 5 + 1210)
+        self.assertEqual(_key_share(_hello_record(site_pq))[0], X25519MLKEM768)
+        self.assertEqual(len(_key_share(_hello_record(site_pq))[1]), MLKEM768_SERVER_SHARE)
+
+    def test_answer_follows_site_that_prefers_mlkem(self) -> Deferred[None]:
+        return self.run_async(self._mlkem_site())
+
+    if not MLKEM_SITES:
+        test_answer_follows_site_that_prefers_mlkem.skip = "no ML-KEM in the bundled OpenSSL"  # type: ignore[attr-defined]
+
+    async def _x25519_site(self) -> None:
+        """
+        A site without ML-KEM: x25519 and its sizes, whatever the hello.
+        """
+        _, raw, raw_pq = await self._measured(x25519_only=True)
+        self.assertEqual((raw.group, raw_pq.group), (X25519, X25519))
+        for mlkem in (True, False):
+            client = await self.answered(mlkem=mlkem)
+            assert client.flight is not None
+            self.assertEqual(len(_hello_record(client.flight)), 5 + 122)
+            self.assertEqual(_key_share(_hello_record(client.flight))[0], X25519)
+            await self._abort_tls(client)
+
+    def test_answer_follows_site_without_mlkem(self) -> Deferred[None]:
+        return self.run_async(self._x25519_site())
+
+    async def _raw_flight(self, site: FakeSite, mlkem: bool) -> bytes:
+        """
+        The bytes a site sends a hello of one shape, up to its first
+        encrypted record.
+        """
+        hello = build_client_hello(
+            os.urandom(16), DOMAIN, int(time.time()), consistent_grease=True, mlkem=mlkem
+        )
+        client = await connect_raw(reactor, LOCAL, site.port_number, hello)
+        self.addCleanup(self._abort, client)
+        await self.until(
+            lambda: not isinstance(parse_server_answer(bytes(client.received)), NeedMore),
+            "the site's answer",
+        )
+        return bytes(client.received)
 
     async def _profiled(self) -> None:
         # The relay's side alone: a profile as a probe would record it.
@@ -623,10 +821,18 @@ class ProfileTests(FrontingHarness):
         sizes = [answer.app_data_len for answer in await self._sizes(8)]
         for size in sizes:
             self.assertTrue(2500 <= size <= 3619, sizes)
-        # A failed handshake finds the mask host gone: closed, nothing sent.
-        client = await self.raw(b"\x01" + os.urandom(99))
+        # A failed handshake finds the mask host gone: closed after a short
+        # wait, with a FIN, nothing sent.
+        self.patch(front_relay, "SITE_DOWN_CLOSE", (0.3, 0.4))
+        started = reactor.seconds()
+        client = _ReasonClient(b"\x01" + os.urandom(99))
+        await connect_protocol(reactor, LOCAL, self.port, client)
+        self.addCleanup(self._abort, client)
         await self.within(client.lost)
+        self.assertGreaterEqual(reactor.seconds() - started, 0.3)
         self.assertEqual(bytes(client.received), b"")
+        assert client.reason is not None
+        self.assertTrue(client.reason.check(ConnectionDone), client.reason)
         self.assertEqual(self.stats.upstream_failures["mask-host"], 1)
         await self.no_clients()
 
@@ -772,3 +978,124 @@ class FrontingOptionTests(FrontingHarness):
 
     def test_mask_loop_found_when_connecting(self) -> Deferred[None]:
         return self.run_async(self._loop_found_late())
+
+
+class MaskHostDownTests(SynchronousTestCase):
+    """
+    While the mask host cannot be reached, a failed handshake is closed as a
+    TLS server too busy to answer closes: after a short wait, with a FIN,
+    never with an instant reset (in memory, on the clock).
+    """
+
+    def _proxy(self, **options: Any) -> MemoryProxy:
+        return MemoryProxy(Settings(secrets=(EE,), mask_host=SITE_DOWN, **options))
+
+    def _connect(self, proxy: MemoryProxy, data: bytes) -> _ReasonClient:
+        client = _ReasonClient(data)
+        proxy.accept(client)
+        proxy.flush()
+        self.assertEqual(proxy.pending(), [(SITE_DOWN.host, SITE_DOWN.port)])
+        proxy.refuse()
+        proxy.flush()
+        return client
+
+    def _closed_like_a_busy_server(self, proxy: MemoryProxy, client: _ReasonClient) -> None:
+        low, high = front_relay.SITE_DOWN_CLOSE
+        proxy.advance(low - 0.01)
+        self.assertIsNone(client.reason)
+        # What it sends meanwhile is read, so the close stays a FIN.
+        client.transport.write(os.urandom(3000))
+        proxy.flush()
+        self.assertIsNone(client.reason)
+        proxy.advance(high - low + 0.02)
+        assert client.reason is not None
+        self.assertTrue(client.reason.check(ConnectionDone), client.reason)
+        self.assertEqual(bytes(client.received), b"")
+        self.assertEqual(proxy.core.stats.upstream_failures["mask-host"], 1)
+        self.assertEqual(proxy.core.clients, set())
+
+    def test_garbage(self) -> None:
+        proxy = self._proxy()
+        client = self._connect(proxy, b"\x01" + os.urandom(99))
+        self._closed_like_a_busy_server(proxy, client)
+
+    def test_bad_hello(self) -> None:
+        proxy = self._proxy()
+        hello = build_client_hello(os.urandom(16), DOMAIN, int(proxy.reactor.seconds()))
+        client = self._connect(proxy, hello)
+        self._closed_like_a_busy_server(proxy, client)
+
+    def test_partial_hello(self) -> None:
+        """
+        A hello that never completes, its site connection (opened early)
+        refused: closed the same way once the handshake has failed.
+        """
+        proxy = self._proxy(handshake_timeout=10.0, idle_timeout=30.0)
+        client = self._connect(proxy, b"\x16\x03\x01\x02")
+        for _ in range(200):
+            if client.reason is not None:
+                break
+            proxy.advance(1.0)
+        assert client.reason is not None
+        self.assertTrue(client.reason.check(ConnectionDone), client.reason)
+        self.assertEqual(bytes(client.received), b"")
+        self.assertEqual(proxy.core.stats.upstream_failures["mask-host"], 1)
+
+    def test_delay_is_drawn(self) -> None:
+        seen = set()
+        for _ in range(20):
+            proxy = self._proxy()
+            client = self._connect(proxy, b"\x01" + os.urandom(99))
+            steps = 0
+            while client.reason is None:
+                proxy.advance(0.1)
+                steps += 1
+            seen.add(steps)
+        low, high = front_relay.SITE_DOWN_CLOSE
+        self.assertTrue(all(low * 10 <= s <= high * 10 + 1 for s in seen), seen)
+        self.assertGreater(len(seen), 1)
+
+    def test_client_that_leaves_first(self) -> None:
+        proxy = self._proxy()
+        client = self._connect(proxy, b"\x01" + os.urandom(99))
+        client.transport.loseConnection()
+        proxy.flush()
+        self.assertTrue(client.lost.called)
+        self.assertEqual(proxy.core.clients, set())
+        # Nothing of it is left on the clock.
+        self.assertEqual(proxy.reactor.getDelayedCalls(), [])
+
+
+class ProfileRestartTests(FrontingHarness):
+    """
+    The site's measured answer is kept in the state directory: a proxy
+    restarted while the site is down answers as the site did.
+    """
+
+    async def _restart(self) -> None:
+        state = FilePath(self.mktemp())
+        state.makedirs()
+        site = await self.site()
+        await self.start(site=site, state_dir=Path(state.path))
+        measured = self.service.core.tls_profiles[DOMAIN]
+        self.assertTrue(state.child(PROFILE_FILE).exists())
+        await self.service.stopService()
+        site_port = site.port_number
+        await site.close()
+        # The site is gone (its port closed); a new proxy starts.
+        await self.start(mask_host=Address(LOCAL, site_port), state_dir=Path(state.path))
+        self.assertEqual(self.service.core.tls_profiles, {DOMAIN: measured})
+        assert self.service.profiles is not None
+        self.assertEqual(self.service.profiles.outages, {DOMAIN: 1})
+        assert measured.pq is not None
+        for mlkem, expected in ((False, measured), (True, measured.pq)):
+            client = await self.answered(mlkem=mlkem)
+            assert client.flight is not None
+            answer = parse_server_answer(client.flight)
+            assert isinstance(answer, Observation)
+            self.assertIn(answer.app_data_len, expected.sizes)
+            self.assertEqual(answer.group, expected.group)
+            await self._abort_tls(client)
+
+    def test_restart_while_the_site_is_down(self) -> Deferred[None]:
+        return self.run_async(self._restart())

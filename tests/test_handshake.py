@@ -53,7 +53,8 @@ class ObfuscatedInitTests(SynchronousTestCase):
 
     def test_transport_the_secret_does_not_admit(self) -> None:
         init = generate_init(TAG_ABRIDGED, 2, secret=DD.key)
-        self.assertEqual(machine().feed(init.wire, 0), Reject("bad-init"))
+        decision = machine().feed(init.wire, 0)
+        self.assertEqual(decision, Reject("transport-not-allowed", user="alice"))
 
     def test_bad_init_fronted_when_masking(self) -> None:
         data = os.urandom(64)
@@ -149,3 +150,70 @@ class AnyBytesTests(SynchronousTestCase):
             if not isinstance(decision, NeedMore):
                 return
         self.assertIsInstance(shake.timed_out(), (Front, Reject))
+
+
+class AdmissionFollowsSecretsTests(SynchronousTestCase):
+    def test_ee_only_fronts_non_tls_at_once(self) -> None:
+        """
+        With only ee secrets no 64-byte init can be valid: a few random
+        bytes are fronted at once, as a TLS server closes on a bad header.
+        """
+        data = os.urandom(10).replace(b"\x16", b"\x17")
+        decision = machine(EE, mask_host=SITE).feed(data, 0)
+        self.assertEqual(decision, Front("bad-init", data, SITE))
+
+    def test_mixed_secrets_wait_for_an_init(self) -> None:
+        self.assertEqual(machine(DD, EE, mask_host=SITE).feed(b"\x01" * 10, 0), NeedMore())
+
+    def test_short_tls_hello_is_fronted_without_masking(self) -> None:
+        """
+        A real TLS client's short hello (under 512 bytes) is a fake-TLS
+        failure, fronted even with masking off.
+        """
+        hello = b"\x16\x03\x01\x01\x2c\x01\x00\x01\x28\x03\x03" + os.urandom(289)
+        for secrets in ((EE,), (DD, EE)):
+            decision = machine(*secrets, mask=False).feed(hello, 0)
+            self.assertEqual(
+                decision, Front("tls-short-hello", hello, Address("example.com", 443))
+            )
+
+
+class LimitTests(SynchronousTestCase):
+    """
+    A client that proves its key but is refused by a limit is treated as a
+    failed handshake: fronted where fronting is on, never answered.
+    """
+
+    def test_obfuscated2_client_over_a_limit(self) -> None:
+        init = generate_init(TAG_PADDED, 2, secret=DD.key)
+        shake = Handshake(
+            Settings(secrets=(DD,), mask=True, mask_host=SITE),
+            Replays(),
+            admit=lambda secret: "quota",
+        )
+        self.assertEqual(
+            shake.feed(init.wire, 0), Front("limit-quota", init.wire, SITE, user="alice")
+        )
+
+    def test_fake_tls_client_over_a_limit_gets_no_answer(self) -> None:
+        now = time.time()
+        hello = faketls.build_client_hello(EE.key, "example.com", int(now))
+        shake = Handshake(Settings(secrets=(EE,)), Replays(), admit=lambda secret: "expired")
+        decision = shake.feed(hello, now)
+        self.assertEqual(
+            decision, Front("limit-expired", hello, Address("example.com", 443), user="erin")
+        )
+
+    def test_refused_address_whatever_it_sends(self) -> None:
+        init = generate_init(TAG_PADDED, 2, secret=DD.key)
+        shake = Handshake(
+            Settings(secrets=(DD,), mask=True, mask_host=SITE), Replays(), refused="denied"
+        )
+        self.assertEqual(
+            shake.feed(init.wire[:10], 0), Front("limit-denied", init.wire[:10], SITE)
+        )
+
+    def test_transport_not_allowed_is_fronted_with_the_user(self) -> None:
+        init = generate_init(TAG_ABRIDGED, 2, secret=DD.key)
+        decision = machine(mask=True, mask_host=SITE).feed(init.wire, 0)
+        self.assertEqual(decision, Front("transport-not-allowed", init.wire, SITE, user="alice"))

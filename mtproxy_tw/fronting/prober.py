@@ -1,24 +1,29 @@
 """
-Measuring the fronted sites: a probe sends the site a ClientHello of the
-shape Telegram apps send and reads its answer (:mod:`.profile` parses it);
-the service re-measures every site at start and hourly.
+Measuring the fronted sites: a probe (:mod:`.measure`) sends the site a
+ClientHello of a shape Telegram apps send and reads its answer; the service
+measures every site at start and hourly, keeps the last good answer
+in the state directory (:mod:`.store`), and measures a site that cannot be
+reached again with backoff, seconds growing to minutes.
 """
 
 from __future__ import annotations
 
-import os
-import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from twisted.application.internet import backoffPolicy
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mtproxy_tw.fronting.profile import MAX_ANSWER, Observation, TLSProfile, parse_server_answer
-from mtproxy_tw.wire.faketls import TLSError, build_client_hello
+from mtproxy_tw.fronting.measure import ProfileProber
+from mtproxy_tw.fronting.profile import TLSProfile
+from mtproxy_tw.fronting.store import PROFILE_FILE, ProfileStore
+from mtproxy_tw.wire.faketls import TLSError
 
 if TYPE_CHECKING:
     from mtproxy_tw.proxy.core import ProxyCore
@@ -26,133 +31,30 @@ if TYPE_CHECKING:
 __all__ = ["ProfileProber", "ProfileService"]
 
 
-class _Probe(Protocol):
-    """
-    Sends a ClientHello and reads the answer until the site goes quiet.
-    """
-
-    #: Seconds without new bytes after which the answer is taken as whole.
-    QUIET = 0.25
-
-    def __init__(
-        self, domain: str, result: Deferred[Observation], clock: Any, preamble: bytes = b""
-    ) -> None:
-        self.domain = domain
-        self.preamble = preamble
-        self.result = result
-        self.clock = clock
-        self.buffer = b""
-        self.observed: Observation | None = None
-        self._quiet: Any = None
-
-    def connectionMade(self) -> None:
-        hello = build_client_hello(
-            os.urandom(16), self.domain, int(time.time()), consistent_grease=True
-        )
-        self.transport.write(self.preamble + hello)  # type: ignore[union-attr]
-
-    def dataReceived(self, data: bytes) -> None:
-        self.buffer += data
-        try:
-            answer = parse_server_answer(self.buffer)
-        except TLSError as e:
-            self._finish(Failure(e))
-            return
-        if isinstance(answer, Observation):
-            self.observed = answer
-            if self._quiet is not None and self._quiet.active():
-                self._quiet.reset(self.QUIET)
-            else:
-                self._quiet = self.clock.callLater(self.QUIET, self._went_quiet)
-        if len(self.buffer) > MAX_ANSWER:
-            self._went_quiet()
-
-    def _went_quiet(self) -> None:
-        if self.observed is not None:
-            self._finish(self.observed)
-        else:
-            self._finish(Failure(TLSError("answer too long")))
-
-    def _finish(self, result: Observation | Failure) -> None:
-        if self._quiet is not None and self._quiet.active():
-            self._quiet.cancel()
-        if not self.result.called:
-            if isinstance(result, Observation):
-                self.result.callback(result)
-            else:
-                self.result.errback(result)
-        self.abort()
-
-    def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abortConnection()  # type: ignore[attr-defined]
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self._quiet is not None and self._quiet.active():
-            self._quiet.cancel()
-        if not self.result.called:
-            if self.observed is not None:
-                self.result.callback(self.observed)
-            else:
-                self.result.errback(TLSError("the site closed before answering"))
-
-
-class ProfileProber:
-    """
-    Fetches one observation of a site's TLS answer.
-    """
-
-    log = Logger()
-
-    def __init__(self, reactor: Any, timeout: float = 5.0) -> None:
-        self.reactor = reactor
-        self.timeout = timeout
-
-    def probe(self, endpoint: Any, domain: str, preamble: bytes = b"") -> Deferred[Observation]:
-        """
-        :param preamble: sent before the hello (a PROXY protocol line).
-        """
-        result: Deferred[Observation] = Deferred()
-        probes: list[_Probe] = []
-
-        def build() -> _Probe:
-            probe = _Probe(domain, result, self.reactor, preamble)
-            probes.append(probe)
-            return probe
-
-        factory = Factory.forProtocol(build)
-        factory.noisy = False
-        connecting = endpoint.connect(factory)
-
-        def failed(failure: Failure) -> None:
-            if not result.called:
-                result.errback(failure)
-
-        connecting.addErrback(failed)
-
-        def cleanup(outcome: Any) -> Any:
-            # A timed-out probe must not leave its connection behind.
-            if not probes and not connecting.called:
-                connecting.cancel()
-            for probe in probes:
-                probe.abort()
-            return outcome
-
-        result.addTimeout(self.timeout, self.reactor)
-        result.addBoth(cleanup)
-        return result
-
-
 class ProfileService(Service):
     """
     Measures each fronted site at start and every ``interval`` seconds.
 
-    Each round makes ``probes`` connections per domain; a domain whose probes
-    all fail keeps its last profile, or has none (answers then use plausible
-    random sizes).
+    Each measurement makes ``probes`` connections per domain with each shape
+    of hello (the classic one, and one offering X25519MLKEM768). A domain
+    whose probes all fail keeps its last profile -- measured in this run,
+    or loaded from ``state_dir`` at start -- or has none (answers then use
+    plausible random sizes). A site that cannot be reached is measured
+    again after ``retry_policy(attempt)`` seconds (by default 2 s, doubling
+    up to 5 minutes) rather than at the next round; one warning says it is
+    down and one line says when it is back. A failed handshake that could
+    not reach its mask host gets the sites measured within
+    :attr:`WATCH_INTERVAL` seconds.
     """
 
     log = Logger()
+
+    #: Seconds before measuring an unreachable site again, doubling up to
+    #: :attr:`RETRY_MAX`.
+    RETRY_INITIAL = 2.0
+    RETRY_MAX = 300.0
+    #: Seconds between looks at the front leg's failures to reach a mask host.
+    WATCH_INTERVAL = 15.0
 
     def __init__(
         self,
@@ -160,14 +62,48 @@ class ProfileService(Service):
         interval: float = 3600.0,
         probes: int = 3,
         timeout: float = 5.0,
+        state_dir: Path | None = None,
+        retry_policy: Callable[[int], float] | None = None,
     ) -> None:
         self.core = core
         self.probes = probes
         self.prober = ProfileProber(core.reactor, timeout)
         self._loop = LoopingCall(self.refresh)
         self._loop.clock = core.reactor
+        self._watch = LoopingCall(self._watch_front)
+        self._watch.clock = core.reactor
+        self._front_failures = 0
         self.interval = interval
         self.rounds = 0
+        self.store = ProfileStore(state_dir / PROFILE_FILE) if state_dir is not None else None
+        self.retry_policy = retry_policy or backoffPolicy(self.RETRY_INITIAL, self.RETRY_MAX, 2.0)
+        #: Failed measurements of each site that cannot be reached now.
+        self.outages: dict[str, int] = {}
+        self._retries: dict[str, IDelayedCall] = {}
+        self._measuring: dict[str, Deferred[None]] = {}
+
+    def startService(self) -> None:
+        super().startService()
+        self.load()
+
+    def load(self) -> None:
+        """
+        Take the profiles saved in the state directory for the domains
+        served and not measured yet.
+        """
+        if self.store is None:
+            return
+        domains = self.core.settings.tls_domains
+        profiles = self.core.tls_profiles
+        saved = self.store.load()
+        loaded = sorted(d for d in saved if d in domains and d not in profiles)
+        for domain in loaded:
+            profiles[domain] = saved[domain]
+        if loaded:
+            self.log.info(
+                "TLS answers of {domains} as last measured, until measured again",
+                domains=", ".join(loaded),
+            )
 
     def start_loop(self) -> None:
         """
@@ -178,17 +114,44 @@ class ProfileService(Service):
             self._loop.start(self.interval, now=True).addErrback(
                 lambda f: self.log.failure("TLS profile loop stopped", f)
             )
+            self._front_failures = self.core.stats.upstream_failures["mask-host"]
+            self._watch.start(self.WATCH_INTERVAL, now=False).addErrback(
+                lambda f: self.log.failure("mask host watch stopped", f)
+            )
+
+    def _watch_front(self) -> None:
+        """
+        A failed handshake that found its mask host down: measure the sites
+        not known to be down now, rather than at the next round.
+        """
+        failures = self.core.stats.upstream_failures["mask-host"]
+        if failures == self._front_failures:
+            return
+        self._front_failures = failures
+        for domain in sorted(self.core.settings.tls_domains):
+            if domain not in self.outages:
+                self._measure(domain)
 
     def stopService(self) -> None:
         super().stopService()
-        if self._loop.running:
-            self._loop.stop()
+        for loop in (self._loop, self._watch):
+            if loop.running:
+                loop.stop()
+        retries, self._retries = self._retries, {}
+        for call in retries.values():
+            if call.active():
+                call.cancel()
+        # Probes still out end now, leaving no connection or timer behind.
+        for measuring in list(self._measuring.values()):
+            measuring.cancel()
 
     def refresh(self) -> Deferred[None]:
         """
         Probe every domain once round; fires when all are done. Never fails.
         """
         settings = self.core.settings
+        for domain in set(self.outages) - settings.tls_domains:
+            self._forget(domain)
         rounds = [self._measure(domain) for domain in sorted(settings.tls_domains)]
         done: Deferred[Any] = DeferredList(rounds, consumeErrors=True)
         return done.addCallback(self._counted)
@@ -197,34 +160,113 @@ class ProfileService(Service):
         self.rounds += 1
 
     def _measure(self, domain: str) -> Deferred[None]:
+        if domain in self._measuring:
+            return self._measuring[domain]
+        self._cancel_retry(domain)
         target = self.core.settings.mask_target(domain)
         if target is None or self.core.mask_disabled:
             return succeed(None)
         # A mask host that wants PROXY protocol gets the "unknown source" form.
         preamble = b"PROXY UNKNOWN\r\n" if self.core.settings.mask_proxy_protocol else b""
         attempts = [
-            self.prober.probe(self.core.endpoint(target), domain, preamble)
+            self.prober.probe(self.core.endpoint(target), domain, preamble, mlkem)
+            for mlkem in (False, True)
             for _ in range(self.probes)
         ]
         measured: Deferred[Any] = DeferredList(attempts, consumeErrors=True)
+        # Before the callbacks, which may run at once (probes that failed
+        # already) and take it out again.
+        self._measuring[domain] = measured
 
-        def record(results: list[tuple[bool, Any]]) -> None:
-            seen = [value for ok, value in results if ok]
-            if not seen:
-                reason = results[0][1].getErrorMessage() if results else "no probe"
-                self.log.info(
-                    "could not measure the TLS answer of {domain}: {reason}",
-                    domain=domain,
-                    reason=reason,
-                )
-                return
-            profile = TLSProfile.from_observations(seen)
+        def done(result: None) -> None:
+            self._measuring.pop(domain, None)
+            return result
+
+        measured.addBoth(done)
+        measured.addCallback(self._record, domain)
+        measured.addErrback(lambda f: self.log.failure("measuring {domain}", f, domain=domain))
+        return measured
+
+    def _record(self, results: list[tuple[bool, Any]], domain: str) -> None:
+        if not self.running:
+            return  # stopped: the probes were cancelled
+        classic = [value for ok, value in results[: self.probes] if ok]
+        pq = [value for ok, value in results[self.probes :] if ok]
+        failures: list[Failure] = [value for ok, value in results if not ok]
+        if classic or pq:
+            self._back(domain)
+            profile = TLSProfile.from_observations(classic, pq)
             self.core.tls_profiles[domain] = profile
             self.log.info(
-                "TLS answer of {domain}: first record {sizes} bytes, cipher {cipher:04x}",
+                "TLS answer of {domain}: {answer}", domain=domain, answer=profile.describe()
+            )
+            self._save()
+            return
+        reason = failures[0].getErrorMessage() if failures else "no probe"
+        if any(f.check(TLSError) for f in failures):
+            # It answers, but not as a TLS 1.3 server: measuring again soon
+            # would not change that.
+            self._back(domain)
+            self.log.info(
+                "could not measure the TLS answer of {domain}: {reason}",
                 domain=domain,
-                sizes=list(profile.sizes),
-                cipher=profile.cipher_suite,
+                reason=reason,
+            )
+            return
+        self._down(domain, reason)
+
+    def _down(self, domain: str, reason: str) -> None:
+        attempt = self.outages.get(domain, 0)
+        self.outages[domain] = attempt + 1
+        if attempt == 0:
+            known = domain in self.core.tls_profiles
+            self.log.warn(
+                "the mask host of {domain} cannot be reached ({reason}); fake-TLS answers "
+                "use {fallback} and failed handshakes are closed until it is back; "
+                "measuring it again with backoff",
+                domain=domain,
+                reason=reason,
+                fallback="its last measured answer" if known else "generic sizes",
+            )
+        else:
+            self.log.debug(
+                "the mask host of {domain} still cannot be reached ({reason})",
+                domain=domain,
+                reason=reason,
+            )
+        if self.running:
+            delay = self.retry_policy(attempt)
+            self._retries[domain] = self.core.reactor.callLater(delay, self._retry, domain)
+
+    def _back(self, domain: str) -> None:
+        failed = self.outages.pop(domain, 0)
+        if failed:
+            self.log.info(
+                "the mask host of {domain} can be reached again (after {failed} failed "
+                "measurements)",
+                domain=domain,
+                failed=failed,
             )
 
-        return measured.addCallback(record)
+    def _retry(self, domain: str) -> None:
+        self._retries.pop(domain, None)
+        if domain in self.core.settings.tls_domains:
+            self._measure(domain)
+        else:
+            self._forget(domain)
+
+    def _forget(self, domain: str) -> None:
+        self.outages.pop(domain, None)
+        self._cancel_retry(domain)
+
+    def _cancel_retry(self, domain: str) -> None:
+        call = self._retries.pop(domain, None)
+        if call is not None and call.active():
+            call.cancel()
+
+    def _save(self) -> None:
+        if self.store is None:
+            return
+        domains = self.core.settings.tls_domains
+        profiles = self.core.tls_profiles
+        self.store.save({d: p for d, p in profiles.items() if d in domains})

@@ -27,6 +27,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from cryptography import x509
+from cryptography.hazmat.backends.openssl import backend as openssl_backend
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -44,7 +45,13 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-__all__ = ["BAD_REQUEST", "DEFAULT_PAGE", "FakeSite", "SiteConnection"]
+from mtproxy_tw.testing.sslsite import StdlibTLSFactory, server_context
+
+__all__ = ["BAD_REQUEST", "DEFAULT_PAGE", "MLKEM_SITES", "FakeSite", "SiteConnection"]
+
+#: Whether a default :class:`FakeSite` picks X25519MLKEM768 when offered:
+#: the OpenSSL that ``cryptography`` bundles has ML-KEM from 3.5.
+MLKEM_SITES = openssl_backend.openssl_version_number() >= 0x30500000
 
 #: The page a :class:`FakeSite` serves unless told otherwise.
 DEFAULT_PAGE = (
@@ -146,8 +153,13 @@ class _Recorder(ProtocolWrapper):
     def makeConnection(self, transport: Any) -> None:
         self.record = SiteConnection(transport.getPeer())
         self.record.transport = transport
-        self.factory.site.connections.append(self.record)
+        site = self.factory.site
+        site.connections.append(self.record)
         super().makeConnection(transport)
+        if site.timeout is not None and site.reactor is not None:
+            # A real server's own handshake/request timeout: it closes
+            # (with a FIN) a client that never completes its request.
+            self._timeout = site.reactor.callLater(site.timeout, transport.loseConnection)
 
     def dataReceived(self, data: bytes) -> None:
         self.record.received += data
@@ -162,6 +174,9 @@ class _Recorder(ProtocolWrapper):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.record.eof = True
+        timeout = getattr(self, "_timeout", None)
+        if timeout is not None and timeout.active():
+            timeout.cancel()
         super().connectionLost(reason)
         self.record.lost.callback(None)
 
@@ -271,6 +286,12 @@ class FakeSite:
     :param page: the body of the one page served, to any request.
     :param tls: serve over TLS (default) or plain TCP.
     :param tls13: allow TLS 1.3 (default); ``False`` caps the site at 1.2.
+    :param x25519_only: offer the x25519 key-exchange group only, as a site
+        on a TLS library without ML-KEM does (served with the standard
+        library's :mod:`ssl`, see :mod:`.sslsite`). By default the site runs
+        on the OpenSSL that ``cryptography`` bundles, with its own groups:
+        from OpenSSL 3.5 (:data:`MLKEM_SITES`) it picks X25519MLKEM768 when
+        a hello offers a share of it, as the big CDNs do.
     :param answer_on_eof: answer only once the client shut down its
         sending side (a half-close), not when the request head is complete.
 
@@ -288,12 +309,17 @@ class FakeSite:
         *,
         tls: bool = True,
         tls13: bool = True,
+        x25519_only: bool = False,
         answer_on_eof: bool = False,
     ) -> None:
         self.domain = domain
         self.page = page
         self.tls = tls
         self.answer_on_eof = answer_on_eof
+        #: Seconds after which the site closes any connection (its own
+        #: timeout on a request that never completes); ``None``: never.
+        self.timeout: float | None = None
+        self.reactor: Any = None
         self.connections: list[SiteConnection] = []
         self.port: IListeningPort | None = None
         key = _private_key()
@@ -301,7 +327,14 @@ class FakeSite:
         self.certificate_der = self.certificate.public_bytes(serialization.Encoding.DER)
         self.certificate_pem = self.certificate.public_bytes(serialization.Encoding.PEM)
         inner: IProtocolFactory = _PageFactory(self)
-        if tls:
+        if tls and x25519_only:
+            key_pem = key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+            inner = StdlibTLSFactory(server_context(self.certificate_pem, key_pem), inner)
+        elif tls:
             options = CertificateOptions(
                 # pyOpenSSL takes cryptography objects directly (its own
                 # wrappers are deprecated); Twisted only hands them on.
@@ -333,6 +366,7 @@ class FakeSite:
         """
         Start listening on ``interface`` (port 0: any free port).
         """
+        self.reactor = reactor
         listening: IListeningPort = reactor.listenTCP(port, self.factory, interface=interface)
         self.port = listening
         return listening

@@ -63,7 +63,8 @@ class FakeTLSClient(PacketQueue, Protocol):
         :class:`TLSError` that the flight raised.
     :ivar record_sizes: the payload size of every record received after it.
     :ivar bad_records: record headers that were not ``17 03 03`` and at most
-        16384 bytes long (the connection is aborted at the first one).
+        16401 bytes long, a full TLS 1.3 record (the connection is aborted at
+        the first one).
     """
 
     transport: Any

@@ -12,10 +12,18 @@ MIN_HELLO_LEN = 512
 """Smallest first-record length taken as a ClientHello."""
 MAX_HELLO_LEN = 16384
 """Largest ClientHello handshake message (and first record) accepted."""
-MAX_OUTGOING_PAYLOAD = 16384
-"""Largest ApplicationData payload sent to clients."""
+MAX_OUTGOING_PAYLOAD = 16384 + 1 + 16
+"""Largest ApplicationData payload sent to clients: a full TLS 1.3 record's (2^14 plaintext
+bytes, the content type and a 16-byte AEAD tag). TDLib, Telegram Desktop and Android read any
+16-bit record length."""
 MAX_INCOMING_PAYLOAD = 16384 + 256
 """Largest record payload accepted from clients."""
+X25519 = 0x001D
+"""The x25519 key-share group."""
+X25519MLKEM768 = 0x11EC
+"""The hybrid post-quantum key-share group current apps and servers prefer."""
+MLKEM768_SERVER_SHARE = 1120
+"""A server's X25519MLKEM768 share: a 1088-byte ML-KEM-768 ciphertext and an x25519 key."""
 BOOT_TIME_MAX = 7 * 86400
 """Timestamps below this (7 days) are taken as seconds since the client booted.
 
@@ -69,6 +77,7 @@ class ClientHello:
     session_id: bytes
     cipher_suites: tuple[int, ...]
     server_names: tuple[str, ...]
+    key_share_groups: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +92,8 @@ class HelloMatch(Generic[T]):
     server_name: str | None
     cipher_suite: int
     cipher_suites: tuple[int, ...] = ()
+    #: The groups of the client's key shares, in its order (GREASE included).
+    key_share_groups: tuple[int, ...] = ()
 
 
 def _vector16(data: bytes) -> bytes:

@@ -22,6 +22,21 @@ _CLIENT_SUITES = bytes.fromhex(
     "5a5a130113021303c02bc02fc02cc030cca9cca8c013c014009c009d002f0035000a"
 )
 _SIGNATURE_ALGORITHMS = bytes.fromhex("040308040401050308050501080606010201")
+_MLKEM_Q = 3329
+
+
+def mlkem768_public_key() -> bytes:
+    """A well-formed ML-KEM-768 encapsulation key (1184 bytes), as tdlib sends.
+
+    256 x 3 coefficients below q = 3329, packed twelve bits each, then a 32-byte seed: a
+    server checks that every coefficient is reduced (FIPS 203, 7.2) and refuses the hello
+    with an ``illegal_parameter`` alert otherwise, so random bytes would not do.
+    """
+    packed = bytearray()
+    for _ in range(384):
+        low, high = _random.randbelow(_MLKEM_Q), _random.randbelow(_MLKEM_Q)
+        packed += (low | high << 12).to_bytes(3, "little")
+    return bytes(packed) + os.urandom(32)
 
 
 def build_client_hello(
@@ -37,7 +52,8 @@ def build_client_hello(
     """Build a ClientHello record the way tdlib does, signed with ``secret``.
 
     Without ``mlkem`` it is the classic 517-byte hello (padded); with ``mlkem`` it also
-    offers an X25519MLKEM768 share, ALPS and ECH like current apps (~1.8 KB, no padding).
+    offers an X25519MLKEM768 share (a well-formed ML-KEM key, which a server accepts), ALPS
+    and ECH like current apps (~1.8 KB, no padding).
     ``session_id`` and the X25519 ``key_share`` default to random bytes.
     ``consistent_grease`` gives the GREASE key share the GREASE group listed in
     supported_groups, as tdlib does (the known-answer layout does not).
@@ -51,7 +67,7 @@ def build_client_hello(
     # vector does not, and OpenSSL refuses a share for an unlisted group.
     shares = (b"\x1a\x1a" if consistent_grease else b"\x2a\x2a") + b"\x00\x01\x00"
     if mlkem:
-        shares += b"\x11\xec" + _vector16(os.urandom(1216))
+        shares += b"\x11\xec" + _vector16(mlkem768_public_key() + os.urandom(32))
     shares += b"\x00\x1d" + _vector16(key_share)
     extensions = [
         _extension(0x0A0A, b""),

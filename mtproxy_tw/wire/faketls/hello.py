@@ -130,6 +130,7 @@ def parse_client_hello(record: bytes) -> ClientHello:
     if hello.vector(1).done:
         raise TLSError("no compression methods")
     names: tuple[str, ...] | None = None
+    shares: tuple[int, ...] | None = None
     if not hello.done:
         extensions = hello.vector(2)
         hello.finish()
@@ -140,13 +141,28 @@ def parse_client_hello(record: bytes) -> ClientHello:
                 if names is not None:
                     raise TLSError("duplicate server_name extension")
                 names = _parse_server_names(body)
+            elif ext_type == 0x0033:
+                if shares is not None:
+                    raise TLSError("duplicate key_share extension")
+                shares = _parse_key_share_groups(body)
     return ClientHello(
         record=record,
         random=random,
         session_id=session_id,
         cipher_suites=struct.unpack(f">{len(suites) // 2}H", suites),
         server_names=names or (),
+        key_share_groups=shares or (),
     )
+
+
+def _parse_key_share_groups(ext: _Cursor) -> tuple[int, ...]:
+    entries = ext.vector(2)
+    ext.finish()
+    groups = []
+    while not entries.done:
+        groups.append(entries.uint(2))
+        entries.vector(2)
+    return tuple(groups)
 
 
 def _parse_server_names(ext: _Cursor) -> tuple[str, ...]:
@@ -192,6 +208,7 @@ def verify_client_hello(record: bytes, secrets: Sequence[tuple[T, bytes]]) -> He
                 server_name=hello.server_names[0] if hello.server_names else None,
                 cipher_suite=choose_cipher_suite(hello.cipher_suites),
                 cipher_suites=hello.cipher_suites,
+                key_share_groups=hello.key_share_groups,
             )
     return None
 

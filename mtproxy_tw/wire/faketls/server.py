@@ -18,6 +18,9 @@ from mtproxy_tw.wire.faketls.base import (
     _RANDOM,
     _ZERO_RANDOM,
     MAX_OUTGOING_PAYLOAD,
+    MLKEM768_SERVER_SHARE,
+    X25519,
+    X25519MLKEM768,
     NeedMore,
     TLSError,
     _extension,
@@ -47,11 +50,15 @@ def build_server_hello(
     filler: bytes | None = None,
     public_key: bytes | None = None,
     key_share_first: bool = True,
+    group: int = X25519,
 ) -> bytes:
     """Build the answer to a valid hello: ServerHello + ChangeCipherSpec + ApplicationData.
 
     The ApplicationData payload is ``filler`` if given, else ``app_data_len`` random bytes
     (default: random length 2500..3619). ``public_key`` defaults to a fresh X25519 key.
+    With ``group`` :data:`X25519MLKEM768` the key share is the 1120 bytes a server sends
+    for it (an ML-KEM-768 ciphertext's worth of random bytes, then the X25519 key), and the
+    ServerHello record grows from 122 to 1210 bytes (with a 32-byte session id).
     Bytes 11..42 carry ``HMAC(secret, client_random ‖ flight with those bytes zeroed)``.
     """
     if filler is None:
@@ -64,7 +71,13 @@ def build_server_hello(
         raise ValueError(f"bad ApplicationData length {len(filler)}")
     if public_key is None:
         public_key = X25519PrivateKey.generate().public_key().public_bytes_raw()
-    key_share = _extension(0x0033, b"\x00\x1d" + _vector16(public_key))
+    if group == X25519MLKEM768:
+        share = os.urandom(MLKEM768_SERVER_SHARE - len(public_key)) + public_key
+    elif group == X25519:
+        share = public_key
+    else:
+        raise ValueError(f"no key share for group {group:#06x}")
+    key_share = _extension(0x0033, group.to_bytes(2, "big") + _vector16(share))
     versions = _extension(0x002B, b"\x03\x04")
     extensions = key_share + versions if key_share_first else versions + key_share
     body = b"".join(
