@@ -104,5 +104,18 @@ class LinkTests(SynchronousTestCase):
     def test_tls_links_both_forms(self) -> None:
         got = links(parse_secret(EE_HEX, "x"), "::1", 8443)
         self.assertEqual(len(got), 4)
-        self.assertIn(f"tg://proxy?server=[::1]&port=8443&secret={EE_B64}", got)
-        self.assertIn(f"https://t.me/proxy?server=[::1]&port=8443&secret={EE_HEX}", got)
+        self.assertIn(f"tg://proxy?server=::1&port=8443&secret={EE_B64}", got)
+        self.assertIn(f"https://t.me/proxy?server=::1&port=8443&secret={EE_HEX}", got)
+
+    def test_ipv6_server_bare(self) -> None:
+        """
+        IPv6 goes in ``server=`` bare and short, as Android's inet_pton takes
+        it: brackets given (as in ``--public-host [::1]``) are taken off.
+        """
+        secret = parse_secret("dd" + S, "x")
+        for host in ("2001:DB8:0::1", "[2001:db8::1]"):
+            self.assertEqual(
+                links(secret, host, 443)[0],
+                f"tg://proxy?server=2001:db8::1&port=443&secret=dd{S}",
+            )
+        self.assertIn("server=proxy.example&", links(secret, "proxy.example", 443)[0])

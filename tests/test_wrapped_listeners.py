@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from twisted.internet import reactor as _reactor
+from twisted.internet.address import IPv6Address
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IListeningPort
@@ -115,6 +117,30 @@ class HAProxyClient(ObfuscatedClient):
         super().connectionMade()
 
 
+def proxy_v2_header(source: str, source_port: int, destination: str, port: int) -> bytes:
+    """
+    A binary PROXY protocol v2 header (``PROXY`` command, TCP) as a load
+    balancer sends it, for IPv4 or IPv6 addresses.
+    """
+    src, dst = ipaddress.ip_address(source), ipaddress.ip_address(destination)
+    family = 0x11 if src.version == 4 else 0x21
+    body = src.packed + dst.packed + struct.pack("!HH", source_port, port)
+    signature = b"\r\n\r\n\x00\r\nQUIT\n"
+    return signature + bytes([0x21, family]) + struct.pack("!H", len(body)) + body
+
+
+class HAProxyV2Client(HAProxyClient):
+    """
+    The same behind a load balancer speaking PROXY protocol v2.
+    """
+
+    header = proxy_v2_header("198.51.100.8", 40001, LOCAL, 443)
+
+
+class HAProxyV2IPv6Client(HAProxyClient):
+    header = proxy_v2_header("2001:db8::8", 40002, "2001:db8::1", 443)
+
+
 class WrappedListenerTests(TestCase):
     timeout = 60
 
@@ -204,17 +230,45 @@ class WrappedListenerTests(TestCase):
         """
         return ensureDeferred(self._tls())
 
-    async def _haproxy(self) -> None:
+    async def _haproxy(self, kind: type[HAProxyClient] = HAProxyClient) -> Any:
         port = await self.start(f"haproxy:tcp:0:interface={LOCAL}")
         endpoint = TCP4ClientEndpoint(reactor, LOCAL, port)
-        client = await self.connect(endpoint, HAProxyClient(SECRET.key, TAG_PADDED, 2))
+        client = await self.connect(endpoint, kind(SECRET.key, TAG_PADDED, 2))
         await self.relay(client)
         transport = self.proxy_side()
         self.assertIsInstance(transport, ProtocolWrapper)
-        self.assertEqual(transport.getPeer().host, "198.51.100.7")
+        return transport.getPeer()
+
+    async def _haproxy_v1(self) -> None:
+        peer = await self._haproxy()
+        self.assertEqual((peer.host, peer.port), ("198.51.100.7", 40000))
 
     def test_haproxy_listener(self) -> Deferred[None]:
         """
         ``--listen haproxy:tcp:...``: the PROXY line is read, the rest relayed.
         """
-        return ensureDeferred(self._haproxy())
+        return ensureDeferred(self._haproxy_v1())
+
+    async def _haproxy_v2(self) -> None:
+        peer = await self._haproxy(HAProxyV2Client)
+        self.assertEqual((peer.type, peer.host, peer.port), ("TCP", "198.51.100.8", 40001))
+
+    def test_haproxy_v2_listener(self) -> Deferred[None]:
+        """
+        PROXY protocol v2 (binary): the client's address is the one the load
+        balancer gives, and the rest is relayed.
+        """
+        return ensureDeferred(self._haproxy_v2())
+
+    async def _haproxy_v2_ipv6(self) -> None:
+        peer = await self._haproxy(HAProxyV2IPv6Client)
+        self.assertIsInstance(peer, IPv6Address)
+        # Twisted writes it uncompressed (2001:db8:0:0:0:0:0:8).
+        self.assertEqual(ipaddress.ip_address(peer.host), ipaddress.ip_address("2001:db8::8"))
+        self.assertEqual(peer.port, 40002)
+
+    def test_haproxy_v2_ipv6_client(self) -> Deferred[None]:
+        """
+        PROXY protocol v2 naming an IPv6 client, on an IPv4 listener.
+        """
+        return ensureDeferred(self._haproxy_v2_ipv6())

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import os
 import re
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ __all__ = [
     "Secret",
     "SecretError",
     "generate",
+    "link_server",
     "links",
     "parse_secret",
     "parse_secrets_text",
@@ -172,6 +174,21 @@ def generate(kind: Mode, name: str = "default", domain: str | None = None) -> Se
     return Secret(name, os.urandom(SECRET_LENGTH), kind)
 
 
+def link_server(host: str) -> str:
+    """
+    ``host`` as the ``server=`` of a link: an IPv6 address bare, without
+    brackets or a zone, in its short form.
+
+    Telegram for Android hands ``server`` to ``inet_pton``, then to a name
+    lookup, so ``[2001:db8::1]`` fails there; TDLib takes either form.
+    """
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        return str(ipaddress.IPv6Address(bare.partition("%")[0]))
+    except ValueError:
+        return host
+
+
 def links(secret: Secret, host: str, port: int) -> list[str]:
     """
     The ``tg://`` and ``https://t.me`` links for a secret.
@@ -182,11 +199,10 @@ def links(secret: Secret, host: str, port: int) -> list[str]:
     forms = [secret.hex()]
     if secret.kind is Mode.TLS:
         forms.append(secret.base64url())
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"
+    server = link_server(host)
     result = []
     for form in forms:
-        query = urlencode({"server": host, "port": str(port), "secret": form}, safe="[]:")
+        query = urlencode({"server": server, "port": str(port), "secret": form}, safe=":")
         result.append(f"tg://proxy?{query}")
         result.append(f"https://t.me/proxy?{query}")
     return result
