@@ -19,6 +19,9 @@ everything that does not fit. It does so only on a plain TCP connection
 ``ProtocolWrapper``) the bytes must go through the wrapper, so it calls
 ``write()``.
 
+The listening socket. :func:`clamp_mss` sets ``TCP_MAXSEG`` on
+``tcp.Port.socket``, the port's socket (an attribute, in no interface).
+
 Accept failures. ``tcp.Port`` logs one event per connection it cannot
 accept; :func:`route_accept_log` sends one port's events to an observer
 that counts them (:class:`mtproxy_tw.services.descriptors.AcceptFailures`).
@@ -29,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import socket
 from typing import Any
 
 from twisted.internet import tcp
@@ -42,6 +46,7 @@ __all__ = [
     "EMFILE_NOISE",
     "READ_SIZE",
     "buffered",
+    "clamp_mss",
     "no_delay",
     "plain_tcp",
     "route_accept_log",
@@ -163,6 +168,31 @@ def no_delay(transport: Any) -> None:
     if set_no_delay is not None:
         with contextlib.suppress(OSError):
             set_no_delay(True)
+
+
+def clamp_mss(port: object, mss: int) -> bool:
+    """
+    Announce a TCP MSS of ``mss`` bytes to every client of the listening
+    ``port``; return whether it applied (a TCP port on a system with
+    ``TCP_MAXSEG``).
+
+    Linux puts a listening socket's ``TCP_MAXSEG`` in the MSS option of
+    its SYN-ACKs and gives it to the sockets it accepts, so the client's
+    kernel cuts what it sends into segments of at most that size. The
+    socket is ``tcp.Port.socket``; other ports (UNIX sockets, a test's
+    fake) are left alone.
+    """
+    option = getattr(socket, "TCP_MAXSEG", None)
+    listening = getattr(port, "socket", None) if isinstance(port, tcp.Port) else None
+    if option is None or not isinstance(listening, socket.socket):
+        return False
+    if listening.family not in (socket.AF_INET, socket.AF_INET6):
+        return False
+    try:
+        listening.setsockopt(socket.IPPROTO_TCP, option, mss)
+    except OSError:
+        return False
+    return True
 
 
 def route_accept_log(port: object, observer: ILogObserver) -> bool:

@@ -45,6 +45,10 @@ class Settings:
     mask: bool | None = None
     mask_host: Address | None = None
     mask_proxy_protocol: bool = False
+    #: TCP MSS announced on the listeners (``--mss-clamp``); ``None``: the kernel's.
+    mss_clamp: int | None = None
+    #: Send the ServerHello in a TCP segment of its own.
+    split_server_hello: bool = False
     tls_time_skew: float = default("tls-time-skew")
     #: Seconds between stats lines in the log; 0 turns them off.
     stats_interval: float = default("stats-interval")

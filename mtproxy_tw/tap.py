@@ -9,20 +9,26 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application.service import IService, MultiService, Service
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
 from mtproxy_tw import __version__
 from mtproxy_tw.config.cli import GeneratedOptions, resolve
+from mtproxy_tw.config.users import Limits
+from mtproxy_tw.links import endpoint_address, is_specific, targets, user_links
 from mtproxy_tw.middle_options import build_middle, middle_settings_from_options
+from mtproxy_tw.proxy.users import Registry
 from mtproxy_tw.services.descriptors import MIDDLE_POOL_DCS
+from mtproxy_tw.services.metrics import MetricsService
 from mtproxy_tw.services.proxy import ProxyService
 from mtproxy_tw.services.reload import ConfigFile, SecretsReloader, read_secrets_file
 from mtproxy_tw.services.state import StateDir, StateError, default_state_dir
+from mtproxy_tw.services.usage import UsageService
 from mtproxy_tw.settings import Settings
 from mtproxy_tw.wire.dcs import Address, DCTable
-from mtproxy_tw.wire.secrets import Secret, SecretError, links
+from mtproxy_tw.wire.secrets import Secret, SecretError
 
 __all__ = ["Options", "makeService"]
 
@@ -78,6 +84,17 @@ class Options(GeneratedOptions):
             raise usage.UsageError("--mask: give either --mask or --no-mask")
         self["tls-domains"] = self["tls-domain"]
         self["secrets"] = list(self["secret"])
+        # Named users of the config file: their secrets are named after them.
+        self["users"] = tuple(self.from_file.get("users", ()))
+        self["limits"] = self.from_file.get("limits")
+        names = {s.name for s in self["secrets"]}
+        for user in self["users"]:
+            for secret in user.secrets:
+                if secret.name in names:
+                    raise usage.UsageError(
+                        f"--config: users.{user.name}: the name is also a --secret"
+                    )
+                self["secrets"].append(secret)
         self["fixed-secrets"] = list(self["secrets"])
         if self["secrets-file"] is not None:
             self["secrets-file"] = Path(self["secrets-file"])
@@ -113,37 +130,19 @@ class Options(GeneratedOptions):
         return loaded
 
 
-def _listen_port(description: str) -> tuple[str | None, int | None]:
-    """
-    The interface and port of a ``tcp:``/``tcp6:`` endpoint description.
-    """
-    parts = description.split(":")
-    if parts[0] not in ("tcp", "tcp6"):
-        return None, None
-    port = None
-    interface = None
-    for part in parts[1:]:
-        key, eq, value = part.partition("=")
-        if not eq and port is None and key.isdigit():
-            port = int(key)
-        elif key == "port" and value.isdigit():
-            port = int(value)
-        elif key == "interface":
-            interface = value.replace("\\", "")
-    return interface, port
-
-
 class _LinkAnnouncer(Service):
     """
     Logs every secret's links once the proxy is listening, and those of
-    secrets added later.
+    secrets added later; ``mtproxy-tw links`` prints the same ones.
     """
 
-    def __init__(self, proxy: ProxyService, public_host: str | None) -> None:
+    def __init__(
+        self, proxy: ProxyService, public_host: str | None, tls_domains: Sequence[str] = ()
+    ) -> None:
         self.proxy = proxy
         self.public_host = public_host
-        self.host: str | None = None
-        self.port = 443
+        self.tls_domains = tuple(tls_domains)
+        self.targets: list[tuple[str, int]] = []
 
     def startService(self) -> None:
         super().startService()
@@ -152,36 +151,28 @@ class _LinkAnnouncer(Service):
         )
 
     def _listening(self, ports: list[Any]) -> None:
-        interface, port = _listen_port(self.proxy.listen[0])
-        if ports and hasattr(ports[0], "getHost") and hasattr(ports[0].getHost(), "port"):
-            port = ports[0].getHost().port
-        self.port = port or 443
-        host = self.public_host
-        if host is None:
-            host = interface if interface not in (None, "", "0.0.0.0", "::") else _guess_host()
+        found: list[tuple[str | None, int | None]] = []
+        for description, port in zip(self.proxy.listen, ports, strict=False):
+            host, number = endpoint_address(description)
+            bound = port.getHost() if hasattr(port, "getHost") else None
+            if isinstance(bound, IPv4Address | IPv6Address):
+                number = bound.port
+                host = bound.host if is_specific(bound.host) else host
+            found.append((host, number))
+        self.targets = targets(self.public_host, found)
+        if self.public_host is None:
             log.warn(
                 "no --public-host given: the links use {host}, which may not be reachable "
                 "from the internet",
-                host=host,
+                host=", ".join(host for host, _ in self.targets),
             )
-        self.host = host
         self.announce(self.proxy.settings.secrets)
 
     def announce(self, secrets: Sequence[Secret]) -> None:
-        if self.host is None:
-            return
-        for secret in secrets:
-            for link in links(secret, self.host, self.port):
-                log.info("{user}: {link}", user=secret.name, link=link)
-
-
-def _guess_host() -> str:
-    import socket
-
-    try:
-        return socket.gethostbyname(socket.gethostname())
-    except OSError:
-        return "127.0.0.1"
+        for host, port in self.targets:
+            for secret in secrets:
+                for link in user_links(secret, host, port, self.tls_domains):
+                    log.info("{user}: {link}", user=secret.name, link=link)
 
 
 def settings_from_options(options: Options, secrets: tuple[Secret, ...]) -> Settings:
@@ -203,11 +194,34 @@ def settings_from_options(options: Options, secrets: tuple[Secret, ...]) -> Sett
         mask=True if options["mask"] else False if options["no-mask"] else None,
         mask_host=options["mask-host"],
         mask_proxy_protocol=bool(options["mask-proxy-protocol"]),
+        mss_clamp=options["mss-clamp"],
+        split_server_hello=bool(options["split-server-hello"]),
         tls_time_skew=options["tls-time-skew"],
         stats_interval=options["stats-interval"],
         # A replayed hello must be caught for as long as its timestamp is accepted.
         replay_window=max(options["replay-window"], 2 * options["tls-time-skew"]),
     )
+
+
+def _log_users(users: Sequence[Any]) -> None:
+    for user in users:
+        limits = [
+            f"{key}={value}"
+            for key, value in (
+                ("max_connections", user.max_connections),
+                ("max_ips", user.max_ips),
+                ("quota", user.quota),
+                ("expires", user.expires),
+            )
+            if value is not None
+        ]
+        log.info(
+            "user {user}: {count} secret(s), {state}, {limits}",
+            user=user.name,
+            count=len(user.secrets),
+            state="enabled" if user.enabled else "disabled",
+            limits=", ".join(limits) or "no limits",
+        )
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:
@@ -233,6 +247,17 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             "(tls needs an ee secret: --secret ee...)"
         )
     log.info("state directory: {path}", path=str(state.path))
+    if not options["secrets"]:
+        kept = str(state.path / state.SECRET_FILE)
+        if state.generated:
+            log.warn(
+                "no --secret given: generated a new secret and kept it in {path}, so its "
+                "links stay the same at every start; `mtproxy-tw links` with these "
+                "options prints them again",
+                path=kept,
+            )
+        else:
+            log.info("no --secret given: using the secret kept in {path}", path=kept)
     settings = settings_from_options(options, secrets)
     top = MultiService()
     proxy = ProxyService(settings, reactor, options["listen"], options.get("listen-named-by"))
@@ -242,8 +267,24 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         proxy.core.middle = upstream
         proxy.pool_descriptors = MIDDLE_POOL_DCS * options["middle"].pool_max
         middle.setServiceParent(top)
-    announcer = _LinkAnnouncer(proxy, options["public-host"])
+    if options["users"] or options["limits"] is not None:
+        registry = Registry(options["users"], options["limits"] or Limits())
+        proxy.core.users = registry
+        _log_users(options["users"])
+
+        def live() -> Any:
+            return (
+                (c, c.user, c.bytes_in + c.bytes_out)
+                for c in list(proxy.core.clients)
+                if c.user is not None
+            )
+
+        UsageService(registry, live, state.path, reactor).setServiceParent(top)
+    announcer = _LinkAnnouncer(proxy, options["public-host"], options["tls-domains"])
     announcer.setServiceParent(top)
+    if options["metrics"]:
+        metrics = MetricsService(proxy, options["metrics"], options["metrics-allow"], reactor)
+        metrics.setServiceParent(top)
     fixed = options["fixed-secrets"] or ([] if options["secrets-file"] else list(secrets))
     config = None
     if options.get("config"):

@@ -230,3 +230,38 @@ class ReloadTests(SynchronousTestCase):
         self.assertTrue(reloader.reload())
         self.assertEqual([s.name for s in reloader.proxy.settings.secrets], ["carol"])
         self.assertEqual(self.warnings(), [])
+
+
+class UsersInTheFileTests(SynchronousTestCase):
+    def test_users_and_limits_from_the_file_and_on_sighup(self) -> None:
+        path = Path(self.mktemp())
+        path.write_text(
+            f'[users.alice]\nsecret = "{DD}"\nmax_connections = 2\n'
+            f'[users.bob]\nsecrets = ["{EE}"]\nquota = "1G"\n'
+            "[limits]\nmax_connections_per_ip = 8\n"
+        )
+        options = tap.Options()
+        options.parseOptions(["--config", str(path), "--state-dir", self.mktemp(), "--port", "0"])
+        top = tap.makeService(options, MemoryReactorClock())
+        reloader = next(s for s in top if isinstance(s, tap.SecretsReloader))
+        proxy = reloader.proxy
+        registry = proxy.core.users
+        assert registry is not None
+        self.assertEqual(sorted(s.name for s in proxy.settings.secrets), ["alice", "bob"])
+        self.assertEqual(registry.user_of("bob"), "bob")
+        self.assertEqual(registry.spec("alice").max_connections, 2)
+        path.write_text(f'[users.alice]\nsecret = "{DD}"\nmax_connections = 1\n')
+        self.assertTrue(reloader.reload())
+        self.assertEqual([s.name for s in proxy.settings.secrets], ["alice"])
+        self.assertIsNone(registry.user_of("bob"))
+        self.assertEqual(registry.spec("alice").max_connections, 1)
+
+    def test_a_bad_user_table_is_one_line(self) -> None:
+        path = Path(self.mktemp())
+        path.write_text(f'[users.alice]\nsecret = "{DD}"\nquota = "lots"\n')
+        options = tap.Options()
+        with self.assertRaises(UsageError) as raised:
+            options.parseOptions(["--config", str(path)])
+        message = str(raised.exception)
+        self.assertIn("users.alice.quota", message)
+        self.assertNotIn("\n", message)

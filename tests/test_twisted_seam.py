@@ -283,6 +283,22 @@ class TwistedAssumptionTests(SynchronousTestCase):
         wrapped.makeConnection(pair.transport)
         self.assertEqual(wrapped.setTcpNoDelay, pair.transport.setTcpNoDelay)
 
+    def test_Port_socket_is_the_listening_socket(self) -> None:
+        """
+        A listening ``tcp.Port`` (and so ``ssl.Port`` and the ports that
+        ``haproxy:`` and ``systemd:`` endpoints make) keeps its socket in
+        ``socket``; a UNIX ``Port`` is a ``tcp.Port`` too.
+        """
+        from twisted.internet import ssl, unix
+
+        port = listening_port(self)
+        here = port.getHost()
+        self.assertIsInstance(port.socket, socket.socket)
+        self.assertEqual(port.socket.getsockname(), (here.host, here.port))
+        self.assertEqual(port.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN), 1)
+        self.assertTrue(issubclass(ssl.Port, tcp.Port))
+        self.assertTrue(issubclass(unix.Port, tcp.Port))
+
 
 class WriteTests(SynchronousTestCase):
     def test_sends_at_once(self) -> None:
@@ -465,6 +481,48 @@ class NoDelayTests(SynchronousTestCase):
         _twisted.no_delay(Failing())
         _twisted.no_delay(object())
         self.assertEqual(calls, [True])
+
+
+def listening_port(test: SynchronousTestCase) -> tcp.Port:
+    """
+    A ``tcp.Port`` listening on loopback, on a reactor that only records;
+    closed when ``test`` ends.
+    """
+    clock = MemoryReactorClock()
+    port = tcp.Port(0, Factory.forProtocol(Protocol), 50, "127.0.0.1", clock)
+    port.startListening()
+
+    def close() -> None:
+        port.stopListening()
+        clock.advance(0)
+
+    test.addCleanup(close)
+    return port
+
+
+class ClampMSSTests(SynchronousTestCase):
+    def test_sets_the_listening_socket_option(self) -> None:
+        port = listening_port(self)
+        self.assertTrue(_twisted.clamp_mss(port, 256))
+        self.assertEqual(port.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG), 256)
+
+    def test_a_value_the_kernel_refuses(self) -> None:
+        port = listening_port(self)
+        self.assertFalse(_twisted.clamp_mss(port, 40))
+
+    def test_other_ports_left_alone(self) -> None:
+        self.assertFalse(_twisted.clamp_mss(object(), 256))
+        self.assertFalse(_twisted.clamp_mss(MemoryReactor().listenTCP(0, Factory()), 256))
+
+    def test_unix_port_left_alone(self) -> None:
+        from twisted.internet import unix
+
+        clock = MemoryReactorClock()
+        path = self.mktemp()
+        port = unix.Port(path, Factory.forProtocol(Protocol), reactor=clock)
+        port.startListening()
+        self.addCleanup(lambda: (port.stopListening(), clock.advance(0)))
+        self.assertFalse(_twisted.clamp_mss(port, 256))
 
 
 class MallocTests(SynchronousTestCase):

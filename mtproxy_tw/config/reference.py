@@ -23,6 +23,7 @@ SECTIONS = {
     "limits": "Limits and timeouts",
     "fronting": "Fake TLS and fronting",
     "middle": "Middle-proxy mode (ad tag)",
+    "operators": "Metrics",
 }
 
 _MD = ("<!-- options: generated from mtproxy_tw/config/schema.py -->", "<!-- options: end -->")

@@ -121,7 +121,13 @@ OPTIONS: tuple[Option, ...] = (
         metavar="DIR",
         shown="~/.local/share/mtproxy-tw",
     ),
-    Option("public-host", "Host name or address put in the printed links.", metavar="HOST"),
+    Option(
+        "public-host",
+        "Host name or address put in the links, with the port the apps connect to when "
+        "that is not the listening port (HOST:PORT, [IPv6]:PORT).",
+        parse=values.public_host,
+        metavar="HOST[:PORT]",
+    ),
     Option(
         "modes",
         "Client modes accepted: classic, secure, tls (comma separated).",
@@ -278,6 +284,26 @@ OPTIONS: tuple[Option, ...] = (
         toml=(bool,),
         section="fronting",
     ),
+    Option(
+        "mss-clamp",
+        "Announce a TCP MSS of BYTES (88 to 32767) on the listeners, so clients' kernels "
+        "split the ClientHello over several segments and a DPI that reads only the first "
+        "misses it. Costs throughput: every segment of a client's connection, both ways, "
+        "carries at most BYTES. Off by default.",
+        parse=values.whole(88, 32767),
+        toml=_WHOLE,
+        metavar="BYTES",
+        section="fronting",
+    ),
+    Option(
+        "split-server-hello",
+        "Send the fake-TLS ServerHello and its ChangeCipherSpec and ApplicationData in "
+        "separate TCP segments. Costs a packet per handshake, and the fronted site sends "
+        "its flight in one write, so segments then differ from the site's.",
+        kind=Kind.FLAG,
+        toml=(bool,),
+        section="fronting",
+    ),
     # -- middle-proxy mode
     Option(
         "ad-tag",
@@ -391,6 +417,22 @@ OPTIONS: tuple[Option, ...] = (
         metavar="SIZE",
         shown="8M",
         section="middle",
+    ),
+    # -- what operators watch
+    Option(
+        "metrics",
+        "An endpoint serving Prometheus metrics at /metrics, e.g. tcp:9100:interface=127.0.0.1.",
+        metavar="ENDPOINT",
+        section="operators",
+    ),
+    Option(
+        "metrics-allow",
+        "CIDR allowed to scrape --metrics; others get 403.",
+        kind=Kind.LIST,
+        parse=values.networks,
+        metavar="CIDR",
+        shown="127.0.0.0/8 and ::1",
+        section="operators",
     ),
 )
 

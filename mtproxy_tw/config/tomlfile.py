@@ -10,6 +10,9 @@ The config file: TOML whose keys are the long options with ``_`` for ``-``.
     handshake_timeout = 10
     mask = true
 
+The ``[users.NAME]`` and ``[limits]`` tables are described in
+:mod:`mtproxy_tw.config.users`.
+
 An unknown key, a value of the wrong type or a bad value is refused with
 one line naming the file, the key and why.
 """
@@ -17,10 +20,13 @@ one line naming the file, the key and why.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mtproxy_tw.config import ConfigError
 from mtproxy_tw.config.schema import OPTIONS, Kind, Option
+from mtproxy_tw.config.users import parse_limits, parse_users
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -31,11 +37,10 @@ __all__ = ["ConfigError", "load", "parse_text"]
 
 _KEYS = {o.key: o for o in OPTIONS if o.name != "config"}
 
-
-class ConfigError(ValueError):
-    """
-    The file cannot be used; the message is one line naming file and key.
-    """
+#: The tables that are not options, each parsed whole (:mod:`.users`):
+#: ``users`` gives a tuple of :class:`~.users.UserSpec`, ``limits`` a
+#: :class:`~.users.Limits`.
+_TABLES: dict[str, Callable[[Any, str], Any]] = {"users": parse_users, "limits": parse_limits}
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -61,6 +66,9 @@ def raw(text: str, where: str) -> dict[str, Any]:
         raise ConfigError(f"{where}: not valid TOML ({e})") from None
     found: dict[str, Any] = {}
     for key, value in data.items():
+        if key in _TABLES:
+            found[key] = _TABLES[key](value, where)
+            continue
         spec = _KEYS.get(key)
         if spec is None:
             hint = f" (did you mean {key.replace('-', '_')}?)" if "-" in key else ""
@@ -74,7 +82,10 @@ def parse_text(text: str, where: str = "<config>") -> dict[str, Any]:
     Like :func:`load`, for the file's text.
     """
     found = raw(text, where)
-    return {name: check(name, value, where) for name, value in found.items()}
+    return {
+        name: value if name in _TABLES else check(name, value, where)
+        for name, value in found.items()
+    }
 
 
 def check(name: str, value: Any, where: str) -> Any:

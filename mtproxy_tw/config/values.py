@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
+from mtproxy_tw.links import split_public_host
 from mtproxy_tw.wire.dcs import Address, parse_address, parse_dc_override
 from mtproxy_tw.wire.secrets import Mode, Secret, SecretError, parse_secret
 
@@ -26,8 +27,10 @@ __all__ = [
     "listen",
     "modes",
     "nat_ips",
+    "networks",
     "number",
     "port",
+    "public_host",
     "secrets",
     "size",
     "size_at_least",
@@ -139,6 +142,15 @@ def host_port(value: Any) -> Address:
     return parse_address(str(value), default_port=443)
 
 
+def public_host(value: Any) -> str:
+    """
+    ``HOST``, ``HOST:PORT``, ``[IPv6]:PORT`` or an IPv6 address, as given.
+    """
+    text = str(value).strip()
+    split_public_host(text)
+    return text
+
+
 def ad_tag(value: Any) -> bytes:
     tag = str(value).strip()
     if not _HEX32.fullmatch(tag):
@@ -213,3 +225,20 @@ def nat_ips(items: Sequence[Any]) -> list[IPAddress]:
             raise ValueError(f"more than one IPv{ip.version} address")
         result.append(ip)
     return result
+
+
+#: Who may scrape the metrics when ``metrics_allow`` is not given.
+LOOPBACK_NETWORKS = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+
+
+def networks(items: Sequence[Any]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """
+    CIDRs (a bare address is one host); none given: loopback only.
+    """
+    result = []
+    for item in items:
+        try:
+            result.append(ipaddress.ip_network(str(item).strip(), strict=False))
+        except ValueError:
+            raise ValueError(f"{item!r} is not a CIDR (e.g. 10.0.0.0/8)") from None
+    return tuple(result) or LOOPBACK_NETWORKS

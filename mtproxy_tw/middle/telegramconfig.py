@@ -23,6 +23,7 @@ The ``Date`` header of every answer is checked against the local clock
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -93,6 +94,8 @@ class TelegramConfig(Service):
         ``Date`` header, in seconds; None before one.
     :ivar failures: failed, refused or unusable downloads per kind.
     :ivar rounds: completed refresh rounds.
+    :ivar updated: when each kind in use was last downloaded (or confirmed by
+        a download), or when its cached copy was saved; absent while built in.
     """
 
     log = Logger()
@@ -125,6 +128,7 @@ class TelegramConfig(Service):
         self.clock_skew: float | None = None
         self.failures: Counter[str] = Counter()
         self.rounds = 0
+        self.updated: dict[str, float] = {}
         #: Called with the kind after each change (for logging or tests).
         self.listeners: list[Callable[[str], None]] = []
         self._next: IDelayedCall | None = None
@@ -163,6 +167,9 @@ class TelegramConfig(Service):
                 self.log.warn("ignoring the cached {path}: {error}", path=path, error=e)
                 continue
             self.sources[kind] = "cache"
+            saved = self.cache.path(kind)
+            with contextlib.suppress(OSError):
+                self.updated[kind] = saved.stat().st_mtime if saved else self.reactor.seconds()
 
     @staticmethod
     def _validate(kind: str, data: bytes) -> Any:
@@ -410,6 +417,7 @@ class TelegramConfig(Service):
             )
             return False
         self._warned.pop(kind, None)
+        self.updated[kind] = self.reactor.seconds()
         if kind == "secret":
             self._new_secret(value)
             return True

@@ -18,13 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from cryptography.hazmat.primitives.ciphers import CipherContext
-from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.endpoints import connectProtocol
-from twisted.internet.interfaces import (
-    IDelayedCall,
-    IHalfCloseableProtocol,
-)
+from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -32,12 +26,16 @@ from zope.interface import implementer
 
 from mtproxy_tw import _twisted
 from mtproxy_tw.fronting.relay import FrontRelay
+from mtproxy_tw.proxy.admission import Admission
 from mtproxy_tw.proxy.core import ProxyCore
+from mtproxy_tw.proxy.dcrelay import DCRelay
 from mtproxy_tw.proxy.handshake import Accept, Decision, Front, Handshake, NeedMore
 from mtproxy_tw.proxy.interfaces import MiddleSession, MiddleUpstream, Transport
-from mtproxy_tw.proxy.legs import Leg, close_peer
+from mtproxy_tw.proxy.legs import Leg
+from mtproxy_tw.proxy.middleleg import MiddleLeg
 from mtproxy_tw.proxy.states import NEXT, State
-from mtproxy_tw.wire import faketls, obfuscated2, proxyprotocol
+from mtproxy_tw.wire import faketls, proxyprotocol
+from mtproxy_tw.wire.secrets import Mode
 
 __all__ = ["ClientProtocol", "MiddleSession", "MiddleUpstream", "State"]
 
@@ -60,27 +58,24 @@ class ClientProtocol(Protocol):
         self.core = core
         self.settings = core.settings
         self.state = State.HANDSHAKING
-        #: The handshake machine, until it has decided.
-        self.handshake: Handshake | None = Handshake(
-            self.settings, core.replay, lambda domain: core.tls_profiles.get(domain)
-        )
+        #: The handshake machine, until it has decided (made once connected).
+        self.handshake: Handshake | None = None
+        self.address = ""
+        self._admission: Admission | None = None
         self.user: str | None = None
+        self.mode: Mode | None = None
         self.dc: int | None = None
         self.bytes_in = 0
         self.bytes_out = 0
         self._handler: Callable[[bytes], None] = _discard
         self._timer: IDelayedCall | None = None
-        self._connecting: Deferred[Any] | None = None
         #: The DC leg, once up, or the front leg.
-        self._upstream: Leg | None = None
+        self._dc: DCRelay | None = None
         self._front: FrontRelay | None = None
-        self._session: MiddleSession | None = None
-        self._pending: list[bytes] = []
-        self._from_client: CipherContext | None = None
-        self._to_client: CipherContext | None = None
-        self._to_dc: CipherContext | None = None
-        self._from_dc: CipherContext | None = None
+        self._shadow_target: Any = None
+        self._middle: MiddleLeg | None = None
         self._records: faketls.TLSRecordReader | None = None
+        self._writer: faketls.RecordWriter | None = None
         self._inner: Callable[[bytes], None] = _discard
         self._seen = -1
 
@@ -109,6 +104,15 @@ class ClientProtocol(Protocol):
         if not core.admit(self):
             self._abort()
             return
+        self.address = str(getattr(self.transport.getPeer(), "host", ""))
+        admission = self._admission = Admission(core, self, self.address)
+        self.handshake = Handshake(
+            self.settings,
+            core.replay,
+            lambda domain: core.tls_profiles.get(domain),
+            admit=admission.admit,
+            refused=admission.refused,
+        )
         _twisted.no_delay(self.transport)
         self._handler = self._read_handshake
         self._timer = core.reactor.callLater(
@@ -124,58 +128,47 @@ class ClientProtocol(Protocol):
         self._to(State.CLOSED)
         core = self.core
         core.forget(self)
-        core.stats.bytes_from_clients += self.bytes_in
-        core.stats.bytes_to_clients += self.bytes_out
+        if self._admission is not None:
+            self._admission.closed(self.bytes_in + self.bytes_out)
+        core.stats.closed(self.user, self.bytes_in, self.bytes_out)
         self._cancel_timer()
-        if self._connecting is not None:
-            self._connecting.cancel()
-        upstream, self._upstream = self._upstream, None
-        if upstream is not None and not upstream.lost:
-            close_peer(upstream.transport)
-        front, self._front = self._front, None
-        if front is not None:
-            front.client_lost()
-        session, self._session = self._session, None
-        if session is not None:
-            session.close()
-        self._pending = []
+        legs: tuple[Any, ...] = (self._dc, self._front, self._middle)
+        self._dc = self._front = self._middle = None
+        for leg in legs:
+            if leg is not None:
+                leg.client_lost()
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
 
-    def _close(self) -> None:
+    def _close(self, abort: bool = False) -> None:
         """
-        End the client's side gently: what is queued toward it is flushed.
+        End the client's side: gently (what is queued toward it is flushed)
+        or, with ``abort``, at once.
         """
         if self.state is not State.CLOSED:
             if self.state is not State.DRAINING:
                 self._to(State.DRAINING)
-            self.transport.loseConnection()
+            if abort:
+                self.transport.abortConnection()
+            else:
+                self.transport.loseConnection()
 
     def _abort(self) -> None:
-        if self.state is not State.CLOSED:
-            if self.state is not State.DRAINING:
-                self._to(State.DRAINING)
-            self.transport.abortConnection()
+        self._close(abort=True)
 
     def reject(self, reason: str) -> None:
-        """
-        Give up on a client that did not complete a valid handshake.
-
-        Nothing more is sent back: the connection is simply closed.
-        """
+        """Give up on a failed handshake: closed, answering nothing more."""
         self.core.stats.rejected[reason] += 1
         self.log.debug("closing {peer}: {reason}", peer=self.transport.getPeer(), reason=reason)
+        self._drop_shadow()
         self._cancel_timer()
         self._close()
 
     def evict(self) -> None:
-        """
-        Make room for a newer connection: this one is still in its
-        handshake while the limits are full.
-        """
+        """Make room for a newer connection, limits being full: still handshaking."""
         self.core.handshake_over(self)
         self.reject("evicted")
 
@@ -183,6 +176,8 @@ class ClientProtocol(Protocol):
 
     def _read_handshake(self, data: bytes) -> None:
         assert self.handshake is not None
+        if self._front is not None:  # the shadow sees what the site would
+            self._front.from_client(data)
         self._decided(self.handshake.feed(data, self.core.reactor.seconds()))
 
     def _handshake_timed_out(self) -> None:
@@ -193,57 +188,121 @@ class ClientProtocol(Protocol):
     def _decided(self, decision: Decision) -> None:
         reply = getattr(decision, "reply", b"")
         if reply:
+            # A fake-TLS answer: committed; the shadow, if any, goes.
+            self._drop_shadow()
+            if self.settings.split_server_hello:  # sent now: a segment of its own
+                hello, reply = faketls.split_flight(reply)
+                _twisted.write(self.transport, hello)
             self.transport.write(reply)
         if isinstance(decision, NeedMore):
+            if not reply and self._front is None:
+                self._shadow()
             return
         self.handshake = None  # decided: its memory goes
         self.core.handshake_over(self)
+        if not isinstance(decision, Accept) and (
+            decision.user is not None or decision.reason.startswith("limit-")
+        ):
+            assert self._admission is not None
+            self._admission.refusal(decision.reason, decision.user)
         if isinstance(decision, Accept):
+            self._drop_shadow()
             self._start(decision)
         elif isinstance(decision, Front):
             self._start_front(decision)
         else:
+            self._drop_shadow()
             self.reject(decision.reason)
+
+    # -- the shadow connection to the mask host
+
+    def _shadow(self) -> None:
+        """
+        An undecided handshake that would be fronted if it failed: open the
+        site's connection now and copy it the bytes, so that whatever the
+        client does next, the site's own answer and timing are what it sees
+        (our handshake timer no longer applies; the site's does).
+        """
+        assert self.handshake is not None
+        core = self.core
+        target = self.handshake.front_target()
+        if target is None or core.mask_disabled:
+            return
+        self._front = self._front_relay(target, self.handshake.pending, shadow=True)
+        self._shadow_target = target
+        self._cancel_timer()
+        # A bound on a client the site never closes on.
+        self._timer = core.reactor.callLater(
+            max(self.settings.idle_timeout, self.settings.handshake_timeout),
+            self._handshake_timed_out,
+        )
+
+    def _drop_shadow(self) -> None:
+        front, self._front = self._front, None
+        if front is not None:
+            front.drop()
+
+    def shadow_answered(self) -> None:
+        """
+        The site answered or closed on the bytes so far: it took them for a
+        complete (bad) request, so the client gets the site from now on.
+        """
+        if self.handshake is not None and self._front is not None and self._front.shadow:
+            self._decided(self.handshake.abandon())
+
+    def cut(self, reason: str) -> None:
+        """
+        End a working connection because its user hit a limit (quota,
+        expiry, disabled or removed).
+        """
+        if self._admission is not None:
+            self._admission.cut(self.user, reason)
+        self._abort()
 
     def _start(self, accepted: Accept) -> None:
         core = self.core
         self._cancel_timer()
         secret, init = accepted.secret, accepted.init
-        self.user = secret.name
+        assert self._admission is not None
+        self.user, self.mode = self._admission.accepted(secret), accepted.mode
         self.dc = init.dc
-        core.stats.accepted[secret.name] += 1
-        self._from_client = init.decryptor
-        self._to_client = init.encryptor
+        core.stats.accepted[self.user] += 1
         self._records = accepted.records
+        if accepted.records is not None:
+            self._writer = faketls.RecordWriter()
         if core.middle is not None:
+            middle = self._middle = MiddleLeg(
+                self,
+                from_client=init.decryptor,
+                to_client=init.encryptor,
+                writer=self._writer,
+                clock=core.reactor,
+            )
             # Relaying before the session exists: attaching may end it at once.
-            self._to(State.RELAYING, self._relay_to_middle)
-            session = core.middle.attach(self, init.dc, init.tag)
+            self._to(State.RELAYING, middle.relay)
+            middle.attach(core.middle, init.dc, init.tag)
             if self.state is not State.RELAYING:
                 return
-            self._session = session
             self._timer = core.reactor.callLater(self.settings.idle_timeout, self._idle_check)
             if accepted.rest:
-                self._relay_to_middle(accepted.rest)
+                middle.relay(accepted.rest)
             return
         address, known = self.settings.dcs.lookup(init.dc)
         if not known:
             self.log.debug("unknown DC id {dc}, using the default DC", dc=init.dc)
-        fast = self.settings.fast_mode
-        upstream_init = obfuscated2.generate_init(
-            init.tag, init.dc, fast_keys=(init.send_key, init.send_iv) if fast else None
+        dc = self._dc = DCRelay(
+            self,
+            core.endpoint(address),
+            init,
+            fast=self.settings.fast_mode,
+            from_client=init.decryptor,
+            to_client=init.encryptor,
+            writer=self._writer,
+            clock=core.reactor,
         )
-        if fast:
-            self._to_client = None
-        self._to_dc = upstream_init.encryptor
-        self._from_dc = None if fast else upstream_init.decryptor
-        self._pending = [upstream_init.wire]
-        self._to(State.CONNECTING, self._queue_dc)
+        self._to(State.CONNECTING, dc.queue)
         if accepted.rest:
-            self._queue_dc(accepted.rest)
-        self.transport.pauseProducing()
-        connecting = self._connecting = connectProtocol(core.endpoint(address), Leg(self))
-        connecting.addErrback(self._connect_failed)
+            dc.queue(accepted.rest)
 
     def _unwrap(self, data: bytes) -> None:
         assert self._records is not None
@@ -256,15 +315,18 @@ class ClientProtocol(Protocol):
         if plain:
             self._inner(plain)
 
-    def _queue_dc(self, data: bytes) -> None:
-        assert self._from_client is not None and self._to_dc is not None
-        self.bytes_in += len(data)
-        self._pending.append(self._to_dc.update(self._from_client.update(data)))
+    # -- what the DC leg calls
 
-    def _connect_failed(self, failure: Failure) -> None:
-        self._connecting = None
-        if failure.check(CancelledError) or self.closed:
-            return
+    def dc_up(self) -> None:
+        assert self._dc is not None
+        self._to(State.RELAYING, self._dc.relay)
+        self.transport.resumeProducing()
+        self._timer = self.core.reactor.callLater(self.settings.idle_timeout, self._idle_check)
+
+    def dc_lost(self) -> None:
+        self._close()
+
+    def dc_failed(self, failure: Failure) -> None:
         self.core.stats.upstream_failures["connect"] += 1
         self.log.info(
             "DC {dc} unreachable for {user}: {error}",
@@ -273,6 +335,13 @@ class ClientProtocol(Protocol):
             error=failure.getErrorMessage(),
         )
         self._close()
+
+    @property
+    def _upstream(self) -> Leg | None:
+        """
+        The connection to the DC, once up (direct mode).
+        """
+        return self._dc.leg if self._dc is not None else None
 
     # -- fronting
 
@@ -290,16 +359,27 @@ class ClientProtocol(Protocol):
             "fronting {peer}: {reason}", peer=self.transport.getPeer(), reason=front.reason
         )
         self._cancel_timer()
+        relay = self._front
+        if relay is not None and relay.shadow and front.target == self._shadow_target:
+            # The site has had every byte already, and its answer is waiting.
+            self._to(State.FRONTING, relay.from_client)
+            relay.release()
+        else:
+            self._drop_shadow()
+            relay = self._front = self._front_relay(front.target, front.buffered)
+            self._to(State.FRONTING, relay.from_client)
+        if not self.closed:
+            self._timer = core.reactor.callLater(self.settings.idle_timeout, self._idle_check)
+
+    def _front_relay(self, target: Any, sent: bytes, shadow: bool = False) -> FrontRelay:
         first = []
         if self.settings.mask_proxy_protocol:
             peer, here = self.transport.getPeer(), self.transport.getHost()
             first.append(proxyprotocol.proxy_protocol_header(peer, here))
-        if front.buffered:
-            first.append(front.buffered)
-            self.bytes_in += len(front.buffered)
-        relay = self._front = FrontRelay(self, core.endpoint(front.target), first)
-        self._to(State.FRONTING, relay.from_client)
-        self._timer = core.reactor.callLater(self.settings.idle_timeout, self._idle_check)
+        if sent:
+            first.append(sent)
+            self.bytes_in += len(sent)
+        return FrontRelay(self, self.core.endpoint(target), first, shadow=shadow)
 
     # -- what the front leg calls
 
@@ -308,53 +388,17 @@ class ClientProtocol(Protocol):
 
     def front_failed(self, why: str) -> None:
         self.core.stats.upstream_failures[why] += 1
-        self._abort()
-
-    # -- what a leg calls
-
-    def leg_connected(self, leg: Leg) -> None:
-        self._connecting = None
-        if self.closed:
-            leg.transport.loseConnection()
-            return
-        self._upstream = leg
-        transport = leg.transport
-        _twisted.no_delay(transport)
-        _twisted.set_read_size(transport)
-        _twisted.set_read_size(self.transport)
-        transport.write(b"".join(self._pending))
-        self._pending = []
-        transport.registerProducer(self.transport, True)
-        self.transport.registerProducer(transport, True)  # type: ignore[arg-type]
-        self._to(State.RELAYING, self._relay_to_dc)
-        self.transport.resumeProducing()
-        self._timer = self.core.reactor.callLater(self.settings.idle_timeout, self._idle_check)
-
-    def leg_data(self, data: bytes) -> None:
-        self.bytes_out += len(data)
-        if self._from_dc is not None:
-            assert self._to_client is not None
-            data = self._to_client.update(self._from_dc.update(data))
-        if self._records is not None:
-            data = faketls.wrap_records(data)
-        _twisted.write(self.transport, data)
-
-    def leg_read_closed(self) -> None:
-        pass  # a DC leg is not half-closeable: its end is a loss
-
-    def leg_lost(self, leg: Leg) -> None:
-        if leg is not self._upstream:
-            return
-        self._upstream = None
-        if not self.closed:
-            # The client may still send before its close completes; there
-            # is nowhere left to send it.
-            self.transport.unregisterProducer()
-            self._close()
+        if why == "mask-host":
+            self._close()  # as a busy TLS server closes: the front leg chose when
+        else:
+            self._abort()
 
     # IHalfCloseableProtocol: a client's half-close matters only when fronting.
 
     def readConnectionLost(self) -> None:
+        if self.state is State.HANDSHAKING and self._front is not None:
+            # Undecided, and the site is listening: it sees the end too.
+            self.shadow_answered()
         if self._front is not None and self.state is State.FRONTING:
             self._front.client_read_closed()
         else:
@@ -364,55 +408,13 @@ class ClientProtocol(Protocol):
         if self.state is not State.FRONTING:
             self._close()
 
-    # -- relay
-
-    def _relay_to_dc(self, data: bytes) -> None:
-        assert self._upstream is not None
-        assert self._from_client is not None and self._to_dc is not None
-        self.bytes_in += len(data)
-        _twisted.write(
-            self._upstream.transport, self._to_dc.update(self._from_client.update(data))
-        )
-
-    def _relay_to_middle(self, data: bytes) -> None:
-        assert self._from_client is not None and self._session is not None
-        self.bytes_in += len(data)
-        self._session.feed(self._from_client.update(data))
-
-    # -- what a middle-proxy session calls
-
-    def deliver(self, framed: bytes) -> None:
-        """
-        Send bytes already in the client's transport framing.
-        """
-        if self.closed:
-            return
-        assert self._to_client is not None
-        self.bytes_out += len(framed)
-        data = self._to_client.update(framed)
-        if self._records is not None:
-            data = faketls.wrap_records(data)
-        _twisted.write(self.transport, data)
-
-    def buffered(self) -> int:
-        """
-        Bytes waiting in this client's write buffer.
-        """
-        return _twisted.buffered(self.transport)
-
-    def pause_reading(self) -> None:
-        if not self.closed:
-            self.transport.pauseProducing()
-
-    def resume_reading(self) -> None:
-        if not self.closed:
-            self.transport.resumeProducing()
+    # -- what the middle leg calls
 
     def session_closed(self) -> None:
         """
         The middle proxy or the pool ended this client's session.
         """
-        self._session = None
+        self._middle = None
         self._close()
 
     # -- idleness
@@ -438,7 +440,7 @@ class ClientProtocol(Protocol):
         """
         Close unless bytes moved since ``activity()`` returned ``since``.
         """
-        relaying = self._upstream is not None or self._session is not None
+        relaying = self._upstream is not None or self._middle is not None
         if not relaying or self.activity() == since:
             self._close()
             return True

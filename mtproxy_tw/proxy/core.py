@@ -21,6 +21,7 @@ from mtproxy_tw.wire.throttle import Throttle
 if TYPE_CHECKING:
     from mtproxy_tw.proxy.client import ClientProtocol
     from mtproxy_tw.proxy.interfaces import MiddleUpstream
+    from mtproxy_tw.proxy.users import Registry
 
 __all__ = ["ProxyCore"]
 
@@ -47,6 +48,9 @@ class ProxyCore:
         self.draining = False
         #: Set when clients go through Telegram's middle proxies.
         self.middle: MiddleUpstream | None = None
+        #: Named users with limits (from the config file's [users] and
+        #: [limits] tables), or None.
+        self.users: Registry | None = None
         #: Measured TLS answers of the fronted sites, by domain.
         self.tls_profiles: dict[str, TLSProfile] = {}
         #: Set when the mask host turned out to be this proxy itself.

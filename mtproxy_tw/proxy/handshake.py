@@ -104,6 +104,15 @@ class Accept:
     records: faketls.TLSRecordReader | None
     reply: bytes = b""
 
+    @property
+    def mode(self) -> Mode:
+        """
+        The client mode it was accepted in.
+        """
+        if self.records is not None:
+            return Mode.TLS
+        return Mode.SECURE if self.init.tag == TAG_PADDED else Mode.CLASSIC
+
 
 @dataclass(frozen=True, slots=True)
 class Front:
@@ -115,6 +124,9 @@ class Front:
     reason: str
     buffered: bytes
     target: Address
+    #: The secret's name, when the client held a valid key (a limit, or a
+    #: transport its secret does not admit).
+    user: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +137,7 @@ class Reject:
 
     reason: str
     reply: bytes = b""
+    user: str | None = None
 
 
 Decision = NeedMore | Accept | Front | Reject
@@ -146,9 +159,11 @@ class Handshake:
     """
 
     __slots__ = (
+        "_admit",
         "_buffer",
         "_profile",
         "_records",
+        "_refused",
         "_replay",
         "_size",
         "_sni",
@@ -163,8 +178,19 @@ class Handshake:
         replay: ReplayStore,
         profile: Callable[[str], TLSProfile | None] = lambda domain: None,
         size: Callable[[], int] = fallback_size,
+        admit: Callable[[Secret], str | None] = lambda secret: None,
+        refused: str | None = None,
     ) -> None:
+        """
+        :param admit: asked once a client has proven it holds ``secret``:
+            ``None`` lets it in, else the limit that refuses it (it is then
+            treated as any failed handshake, fronted where fronting is on).
+        :param refused: the limit that refuses this connection whatever it
+            sends (an address that is denied, say).
+        """
         self.policy = policy
+        self._admit = admit
+        self._refused = refused
         self._replay = replay
         self._profile = profile
         self._size = size
@@ -195,6 +221,38 @@ class Handshake:
             return self._tls_init(data)
         raise RuntimeError("the handshake is already decided")
 
+    @property
+    def pending(self) -> bytes:
+        """
+        Every byte read while undecided (what a fronted site would be sent).
+        """
+        return bytes(self._buffer) if self._state is _State.FIRST else b""
+
+    def front_target(self) -> Address | None:
+        """
+        Where a failure would be fronted if the handshake failed now, or
+        ``None`` when it would be closed (or can no longer be fronted: a
+        fake-TLS answer was already sent).
+        """
+        if self._state is not _State.FIRST:
+            return None
+        policy = self.policy
+        if self._looks_tls() or policy.masking or not self._plain_modes():
+            return policy.mask_target(self._sni)
+        return None
+
+    def abandon(self) -> Decision:
+        """
+        The fronted site has answered (or closed on) the bytes so far: a
+        client it would talk to is not one of ours, so it gets the site.
+        """
+        if self._state is _State.TLS_INIT:
+            return self._reject("site-answered")
+        return self._fail("incomplete", tls=self._looks_tls())
+
+    def _looks_tls(self) -> bool:
+        return self.policy.tls_enabled and self._buffer[:1] == b"\x16"
+
     def timed_out(self) -> Decision:
         """
         The client took too long: what to do with what it sent.
@@ -208,7 +266,10 @@ class Handshake:
     def _first(self, data: bytes, now: float) -> Decision:
         buf = self._buffer
         buf += data
+        if self._refused is not None:
+            return self._fail(f"limit-{self._refused}", tls=self._looks_tls())
         policy = self.policy
+        tls_looking = False
         if policy.tls_enabled and buf[:1] == b"\x16":
             try:
                 hello = faketls.read_client_hello(bytes(buf))
@@ -218,15 +279,37 @@ class Handshake:
                 return NeedMore()
             if hello is not None:
                 return self._hello(hello, now)
-        if not policy.modes - {Mode.TLS}:
-            return self._fail("not-tls", tls=True)
+            # A TLS record too short for a fake-TLS hello (openssl s_client's,
+            # say): a TLS failure, fronted whatever --mask says, unless the
+            # bytes turn out to be a valid init.
+            tls_looking = bytes(buf[:3]) == b"\x16\x03\x01"
         if bytes(buf[:4]) in _HTTP_VERBS:
             return self._fail("http")
+        if not self._plain_modes():
+            # No configured secret admits a plain init: these bytes cannot
+            # be a client, and a TLS server would not wait for more either.
+            if tls_looking:
+                return self._fail("tls-short-hello", tls=True)
+            if policy.modes - {Mode.TLS}:
+                return self._fail("bad-init")  # fronted unless --no-mask
+            return self._fail("not-tls", tls=True)
         if len(buf) < obfuscated2.INIT_LENGTH:
             return NeedMore()
         init = bytes(buf[: obfuscated2.INIT_LENGTH])
         rest = bytes(buf[obfuscated2.INIT_LENGTH :])
-        return self._init(init, rest, (Mode.CLASSIC, Mode.SECURE), policy.secrets, b"")
+        plain = (Mode.CLASSIC, Mode.SECURE)
+        if tls_looking and self._match(init, plain, policy.secrets)[0] is None:
+            return self._fail("tls-short-hello", tls=True)
+        return self._init(init, rest, plain, policy.secrets, b"")
+
+    def _plain_modes(self) -> frozenset[Mode]:
+        """
+        The non-TLS modes some configured secret admits: with none, non-TLS
+        first bytes cannot be a client and are fronted at once.
+        """
+        policy = self.policy
+        admitted = frozenset().union(*(s.admits() for s in policy.secrets))
+        return (admitted & policy.modes) - {Mode.TLS}
 
     def _hello(self, hello: faketls.HelloRecord, now: float) -> Decision:
         policy = self.policy
@@ -242,9 +325,15 @@ class Handshake:
             return self._fail("tls-unknown-sni", tls=True)
         if not faketls.timestamp_ok(match.timestamp, now, skew=policy.tls_time_skew):
             return self._fail("tls-stale", tls=True)
+        limit = self._admit(match.name)
+        if limit is not None:
+            return self._fail(f"limit-{limit}", tls=True, user=match.name.name)
         if self._replay.check_and_add(b"tls:" + match.client_random):
             return self._fail("tls-replay", tls=True)
-        profile = self._profile(match.server_name.lower())
+        measured = self._profile(match.server_name.lower())
+        # The site's answer to a hello of this shape (X25519MLKEM768 offered
+        # or not), with its group only if the client offered that.
+        profile = measured.answer(match.key_share_groups) if measured else None
         size = profile.pick_size() if profile else self._size()
         # The site's own choice when the client offers it, as the site would.
         cipher = match.cipher_suite
@@ -257,6 +346,7 @@ class Handshake:
             cipher_suite=cipher,
             app_data_len=size,
             key_share_first=profile.key_share_first if profile else True,
+            group=profile.group if profile else faketls.X25519,
         )
         self._tls_secret = match.name
         self._records = faketls.TLSRecordReader()
@@ -289,10 +379,20 @@ class Handshake:
         reply: bytes,
     ) -> Decision:
         tls = Mode.TLS in modes
-        matched = self._match(init, modes, secrets)
+        matched, misfit = self._match(init, modes, secrets)
         if matched is None:
+            if misfit is not None:
+                # The right key, a framing its secret does not admit (an app
+                # sending abridged with a dd link, say): not a scanner.
+                if tls:
+                    return self._reject("transport-not-allowed", reply, misfit.name)
+                return self._fail("transport-not-allowed", user=misfit.name)
             return self._reject("tls-bad-init", reply) if tls else self._fail("bad-init")
         secret, accepted = matched
+        if not tls:
+            limit = self._admit(secret)
+            if limit is not None:
+                return self._fail(f"limit-{limit}", user=secret.name)
         if self._replay.check_and_add(init[8:56]):
             return self._reject("replay", reply) if tls else self._fail("replay")
         self._buffer = bytearray()
@@ -301,34 +401,41 @@ class Handshake:
 
     def _match(
         self, init: bytes, modes: tuple[Mode, ...], secrets: Iterable[Secret]
-    ) -> tuple[Secret, AcceptedInit] | None:
+    ) -> tuple[tuple[Secret, AcceptedInit] | None, Secret | None]:
+        """
+        The secret the init is for, and how it was accepted; or, failing
+        that, a secret whose key the init was made with but in a framing
+        the secret (or --modes) does not admit.
+        """
         enabled = self.policy.modes
+        misfit = None
         for secret in secrets:
             allowed = secret.admits() & enabled
             tags = frozenset().union(*(_TAGS_BY_MODE[m] for m in modes if m in allowed))
-            if not tags:
+            accepted = obfuscated2.accept_init(init, secret.key)
+            if accepted is None:
                 continue
-            accepted = obfuscated2.accept_init(init, secret.key, tags)
-            if accepted is not None:
-                return secret, accepted
-        return None
+            if accepted.tag in tags:
+                return (secret, accepted), None
+            misfit = misfit or secret
+        return None, misfit
 
     # -- outcomes
 
-    def _fail(self, reason: str, tls: bool = False) -> Front | Reject:
+    def _fail(self, reason: str, tls: bool = False, user: str | None = None) -> Front | Reject:
         """
         Fake-TLS failures are always fronted; others only when masking is on.
         """
         policy = self.policy
         target = policy.mask_target(self._sni) if (tls or policy.masking) else None
         if target is None:
-            return self._reject(reason)
+            return self._reject(reason, user=user)
         buffered = bytes(self._buffer)
         self._buffer = bytearray()
         self._state = _State.DONE
-        return Front(reason, buffered, target)
+        return Front(reason, buffered, target, user)
 
-    def _reject(self, reason: str, reply: bytes = b"") -> Reject:
+    def _reject(self, reason: str, reply: bytes = b"", user: str | None = None) -> Reject:
         self._buffer = bytearray()
         self._state = _State.DONE
-        return Reject(reason, reply)
+        return Reject(reason, reply, user)

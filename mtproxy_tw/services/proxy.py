@@ -22,7 +22,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mtproxy_tw._twisted import tune_malloc
+from mtproxy_tw._twisted import clamp_mss, tune_malloc
 from mtproxy_tw.fronting.prober import ProfileService
 from mtproxy_tw.proxy.client import ClientProtocol
 from mtproxy_tw.proxy.core import ProxyCore
@@ -32,6 +32,7 @@ from mtproxy_tw.services.descriptors import (
     descriptors_needed,
     limit_advice,
 )
+from mtproxy_tw.services.replaystore import REPLAY_FILE, ReplayStore
 from mtproxy_tw.settings import Settings
 
 __all__ = ["ListenError", "Listener", "ProxyService", "raise_open_file_limit"]
@@ -65,11 +66,17 @@ class Listener(Service):
 
     :ivar port: fires with the listening port; ``None`` before the first
         start and after a stop.
+    :ivar mss: the TCP MSS announced to clients (``--mss-clamp``), if any.
     """
 
-    def __init__(self, endpoint: IStreamServerEndpoint, factory: Factory) -> None:
+    log = Logger()
+
+    def __init__(
+        self, endpoint: IStreamServerEndpoint, factory: Factory, mss: int | None = None
+    ) -> None:
         self.endpoint = endpoint
         self.factory = factory
+        self.mss = mss
         self.port: Deferred[IListeningPort] | None = None
         #: The port, once listening (what callbacks on :attr:`port` return
         #: does not change it).
@@ -105,6 +112,8 @@ class Listener(Service):
 
     def _listened(self, port: IListeningPort) -> IListeningPort:
         self._listening = port
+        if self.mss is not None and not clamp_mss(port, self.mss):
+            self.log.warn("--mss-clamp: {port} is not TCP; not clamped", port=port.getHost())
         return port
 
     def stopService(self) -> Deferred[None] | None:
@@ -196,10 +205,10 @@ class ProxyService(MultiService):
                 endpoint = serverFromString(reactor, description)
             except (ValueError, TypeError, KeyError, IndexError) as e:
                 raise ListenError(f"{name}: not a usable endpoint ({e})") from None
-            listener = Listener(endpoint, self.factory)
+            listener = Listener(endpoint, self.factory, settings.mss_clamp)
             listener.setServiceParent(self)
             self.listeners.append(listener)
-        self.profiles = ProfileService(self.core)
+        self.profiles = ProfileService(self.core, state_dir=settings.state_dir)
         self.profiles.setServiceParent(self)
         #: Logs :meth:`log_stats` every ``stats_interval`` seconds (and
         #: once at start); ``None`` when the interval is 0.
@@ -208,6 +217,12 @@ class ProxyService(MultiService):
             self.stats_timer = TimerService(settings.stats_interval, self.log_stats)
             self.stats_timer.clock = reactor
             self.stats_timer.setServiceParent(self)
+        #: Keeps the replay cache in the state directory across restarts.
+        self.replay_store: ReplayStore | None = None
+        if settings.state_dir is not None:
+            path = settings.state_dir / REPLAY_FILE
+            self.replay_store = ReplayStore(lambda: self.core.replay, path, reactor)
+            self.replay_store.setServiceParent(self)
 
     def log_stats(self) -> None:
         """
@@ -366,7 +381,11 @@ class ProxyService(MultiService):
             self.log_stats()  # the last counts; the timer stops with the others
         self.accept_failures.stop()
         stopped: Deferred[Any] = super().stopService() or succeed(None)
-        return stopped.addCallback(lambda _: self._drain())
+        drained = stopped.addCallback(lambda _: self._drain())
+        store = self.replay_store
+        if store is not None:  # again, with the handshakes that ended while draining
+            drained.addCallback(lambda _: store.save())
+        return drained
 
     def _drain(self) -> Deferred[None]:
         core = self.core

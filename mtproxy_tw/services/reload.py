@@ -23,7 +23,7 @@ from mtproxy_tw.wire.secrets import Secret, SecretError, parse_secrets_text
 __all__ = ["ConfigFile", "SecretsReloader", "read_secrets_file"]
 
 #: What SIGHUP applies from the config file; every other key needs a restart.
-_LIVE = {o.name for o in OPTIONS if o.live}
+_LIVE = {o.name for o in OPTIONS if o.live} | {"users", "limits"}
 
 
 def read_secrets_file(path: Path) -> list[Secret]:
@@ -74,6 +74,9 @@ class ConfigFile:
             secrets: tuple[Secret, ...] | None = self.cli_secrets
         else:
             secrets = tuple(new["secret"]) if "secret" in new else None
+        users = tuple(new.get("users", ()))
+        if users:
+            secrets = (secrets or ()) + tuple(s for u in users for s in u.secrets)
         path = self.cli_secrets_file
         if "secrets-file" not in self.given and "secrets-file" in new:
             path = Path(new["secrets-file"])
@@ -198,4 +201,25 @@ class SecretsReloader(Service):
         if secrets is not None:
             self.fixed = secrets
         self.path = path
+        self._reload_users()
         return True
+
+    def _reload_users(self) -> None:
+        """
+        New users and limits apply to new connections; the connections of
+        users removed or disabled are cut.
+        """
+        assert self.config is not None
+        registry = self.proxy.core.users
+        if registry is None:
+            return
+        from mtproxy_tw.config.users import Limits
+
+        loaded = self.config.loaded
+        gone = set(
+            registry.update(tuple(loaded.get("users", ())), loaded.get("limits") or Limits())
+        )
+        for client in list(self.proxy.core.clients):
+            if client.user in gone:
+                client.cut("disabled")
+        self.log.info("users reloaded: {count} in the config", count=len(loaded.get("users", ())))

@@ -33,6 +33,8 @@ class StateDir:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        #: Whether :meth:`default_secret` made a new secret (the first start).
+        self.generated = False
 
     def prepare(self) -> None:
         try:
@@ -42,22 +44,32 @@ class StateDir:
         if not os.access(self.path, os.W_OK | os.X_OK):
             raise StateError(f"{self.path} is not writable")
 
-    def default_secret(self) -> Secret:
+    def kept_secret(self) -> Secret | None:
         """
-        The secret used when none is configured: generated once, then kept.
+        The secret generated at an earlier start; ``None`` before the first.
         """
         path = self.path / self.SECRET_FILE
         try:
             text = path.read_text("ascii").strip()
         except FileNotFoundError:
-            secret = generate(Mode.SECURE, name="default")
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(secret.hex() + "\n")
-            return secret
+            return None
         except (OSError, UnicodeDecodeError) as e:
             raise StateError(f"cannot read {path}: {e}") from None
         try:
             return parse_secret(text, "default")
         except SecretError as e:
             raise StateError(f"{path} holds no valid secret: {e}") from None
+
+    def default_secret(self) -> Secret:
+        """
+        The secret used when none is configured: generated once, then kept.
+        """
+        secret = self.kept_secret()
+        if secret is not None:
+            return secret
+        secret = generate(Mode.SECURE, name="default")
+        fd = os.open(self.path / self.SECRET_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secret.hex() + "\n")
+        self.generated = True
+        return secret
