@@ -123,8 +123,9 @@ def state_dir(path: str | None) -> Iterator[str]:
 
 
 def proxy_command(
-    port: int, secret: Secret, state: str, max_connections: int, extra: list[str]
+    port: int, secret: Secret | None, state: str, max_connections: int, extra: list[str]
 ) -> list[str]:
+    secret_option = ["--secret", secret.hex()] if secret is not None else []
     return [
         sys.executable,
         "-m",
@@ -140,8 +141,7 @@ def proxy_command(
         f"tcp:{port}:interface=127.0.0.1",
         "--public-host",
         "127.0.0.1",
-        "--secret",
-        secret.hex(),
+        *secret_option,
         "--state-dir",
         state,
         "--stats-interval",
@@ -331,7 +331,39 @@ def parser(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--requests", type=int, default=200, help="round trips per connection")
     p.add_argument("--idle", type=int, default=2000, help="idle connections for RSS")
     p.add_argument("--state-dir", default=None, help="proxy state dir (default: a fresh one)")
+    p.add_argument(
+        "--users",
+        type=int,
+        default=0,
+        help="run with this many named users in a --config file (the bench's clients are "
+        "one of them, with limits it never reaches), to measure the accounting",
+    )
     return p
+
+
+def users_config(state: str, secret: Secret, users: int) -> list[str]:
+    """
+    Options for a --config file with ``users`` named users, the first of
+    which holds ``secret``; replaces the --secret option.
+    """
+    lines = [
+        "[users.bench]",
+        f'secret = "{secret.hex()}"',
+        "max_connections = 1000000",
+        "max_ips = 1000",
+        'quota = "1000TB"',
+    ]
+    for i in range(1, users):
+        lines += [
+            f"[users.user{i}]",
+            f'secret = "dd{os.urandom(16).hex()}"',
+            "max_connections = 16",
+            'quota = "20GB"',
+        ]
+    path = os.path.join(state, "bench.toml")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return ["--config", path]
 
 
 def react(main: Callable[[Any], Any]) -> None:

@@ -40,10 +40,11 @@ from _common import (
     start_process,
     state_dir,
     stop_process,
+    users_config,
 )
 from twisted.internet import defer, protocol
 
-from mtproxy_tw.wire.secrets import Mode
+from mtproxy_tw.wire.secrets import Mode, Secret
 
 
 class DC(protocol.Protocol):
@@ -132,7 +133,11 @@ async def run(reactor: Any, args: Any) -> None:
         if args.no_fast_mode:
             extra.append("--no-fast-mode")
         state = stack.enter_context(state_dir(args.state_dir))
-        command = proxy_command(port, secret, state, max(10000, args.idle * 2), extra)
+        given: Secret | None = secret
+        if args.users:
+            extra += users_config(state, secret, args.users)
+            given = None
+        command = proxy_command(port, given, state, max(10000, args.idle * 2), extra)
         proxy = await start_process(reactor, command, port)
         stack.callback(stop_process, proxy)
         await sleep(reactor, 0.5)

@@ -80,6 +80,8 @@ def read_server_hello(data: bytes) -> ServerHello | None:
     if data[:5] == b"HTTP/":
         raise TLSError("it answers plain HTTP, not TLS")
     if data[0] == 0x15 and len(data) >= 7:
+        if data[6] == 70:  # protocol_version: the versions offered (1.3) are refused
+            raise TLSError("it answers with TLS alert 70 (protocol_version): not TLS 1.3")
         raise TLSError(f"it answers with TLS alert {data[6]}")
     if data[0] != 0x16 or data[1] != 3:
         raise TLSError("its answer is not TLS")

@@ -5,13 +5,13 @@ and, in middle-proxy mode, the upstream that gives it a session.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from typing import Protocol as TypingProtocol
 
 from twisted.internet.interfaces import IAddress, IPushProducer
 
 if TYPE_CHECKING:
-    from mtproxy_tw.proxy.client import ClientProtocol
+    pass
 
 __all__ = ["MiddleSession", "MiddleUpstream", "Transport"]
 
@@ -53,4 +53,8 @@ class MiddleUpstream(TypingProtocol):
     Opens middle-proxy sessions; see :mod:`mtproxy_tw.middle.upstream`.
     """
 
-    def attach(self, client: ClientProtocol, dc: int, tag: bytes) -> MiddleSession: ...
+    def attach(self, client: Any, dc: int, tag: bytes) -> MiddleSession:
+        """
+        A session for ``client`` (the client's middle leg,
+        :class:`mtproxy_tw.proxy.middleleg.MiddleLeg`).
+        """
