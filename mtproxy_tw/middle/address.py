@@ -71,6 +71,7 @@ class ExternalAddress:
         lookup_url: str = DEFAULT_IP_LOOKUP_URL,
         http_client: Any = None,
         timeout: float = 10.0,
+        via: str | None = None,
     ) -> None:
         self.reactor = reactor
         self.nat: dict[int, IPAddress] = {}
@@ -82,6 +83,9 @@ class ExternalAddress:
         self.looked_up: dict[int, IPAddress] = {}
         self._waiters: list[Deferred[None]] | None = None
         self._failed_at: float | None = None
+        self._said: tuple[IPAddress, str] | None = None
+        #: The upstream proxies the look-up goes through, for the log.
+        self.via = via
 
     def public(self, version: int) -> IPAddress | None:
         """
@@ -89,10 +93,18 @@ class ExternalAddress:
         """
         return self.nat.get(version) or self.looked_up.get(version)
 
-    def for_connection(self, local: IPAddress, peer: IPAddress) -> Deferred[IPAddress]:
+    def for_connection(
+        self, local: IPAddress, peer: IPAddress, tunnelled: bool = False
+    ) -> Deferred[IPAddress]:
         """
         The address to use in the key derivation of a connection ``local`` -> ``peer``.
+
+        ``tunnelled``: made through an upstream SOCKS5 server, ``local``
+        being the address it reported connecting from; the look-up (made
+        through the same upstream) then applies whatever ``peer`` is.
         """
+        if tunnelled:
+            return self._tunnelled(local)
         if not _is_public(peer):
             return succeed(local)
         known = self.nat.get(local.version)
@@ -103,6 +115,29 @@ class ExternalAddress:
         if local.version in self.looked_up:
             return succeed(self.looked_up[local.version])
         return self.lookup().addCallback(lambda _: self.looked_up.get(local.version, local))
+
+    def _tunnelled(self, bound: IPAddress) -> Deferred[IPAddress]:
+        def chosen(_: object) -> IPAddress:
+            if bound.version in self.nat:
+                ip, source = self.nat[bound.version], "--nat-ip"
+            elif _is_public(bound):
+                ip, source = bound, "the address the upstream proxy reported"
+            elif bound.version in self.looked_up:
+                ip, source = self.looked_up[bound.version], f"looked up at {self.lookup_url}"
+            else:
+                ip, source = bound, "the address the upstream proxy reported; no look-up"
+            if self._said != (ip, source):
+                self._said = (ip, source)
+                self.log.info(
+                    "through the upstream proxy, the middle proxies see {ip} ({source})",
+                    ip=str(ip),
+                    source=source,
+                )
+            return ip
+
+        if bound.version in self.nat or _is_public(bound) or bound.version in self.looked_up:
+            return succeed(chosen(None))
+        return self.lookup().addCallback(chosen)
 
     def forget(self) -> None:
         """
@@ -139,7 +174,10 @@ class ExternalAddress:
             return
         self.looked_up[ip.version] = ip
         self._failed_at = None
-        self.log.info("external address (from {url}): {ip}", url=self.lookup_url, ip=str(ip))
+        via = f" through the upstream proxy {self.via}" if self.via else ""
+        self.log.info(
+            "external address (from {url}{via}): {ip}", url=self.lookup_url, via=via, ip=str(ip)
+        )
 
     def _failed(self, failure: Failure) -> None:
         self._failed_at = self.reactor.seconds()

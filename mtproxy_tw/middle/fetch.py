@@ -14,7 +14,15 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 
-__all__ = ["MAX_BODY", "FetchError", "Fetched", "default_http_client", "describe", "fetch"]
+__all__ = [
+    "MAX_BODY",
+    "FetchError",
+    "Fetched",
+    "default_http_client",
+    "describe",
+    "fetch",
+    "upstream_http_client",
+]
 
 #: Largest body accepted from any of the URLs.
 MAX_BODY = 1 << 20
@@ -44,6 +52,29 @@ def default_http_client(reactor: Any) -> Any:
     from twisted.web.client import Agent
 
     return HTTPClient(Agent(reactor))
+
+
+def upstream_http_client(reactor: Any, upstreams: Any) -> Any:
+    """
+    A treq client whose connections go through the upstream SOCKS5 servers
+    (a :class:`~mtproxy_tw.proxy.socks.Upstreams`), HTTPS verified as the
+    Agent default does.
+    """
+    from treq.client import HTTPClient
+    from twisted.internet.endpoints import wrapClientTLS
+    from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
+
+    policy = BrowserLikePolicyForHTTPS()
+
+    class Endpoints:
+        def endpointForURI(self, uri: Any) -> Any:
+            host = uri.host.decode("ascii")
+            endpoint = upstreams.endpoint(host, uri.port)
+            if uri.scheme == b"https":
+                return wrapClientTLS(policy.creatorForNetloc(uri.host, uri.port), endpoint)
+            return endpoint
+
+    return HTTPClient(Agent.usingEndpointFactory(reactor, Endpoints()))
 
 
 def _server_time(headers: Any) -> float | None:

@@ -61,6 +61,8 @@ class MiddleSettings:
     backoff_initial: float = 1.0
     backoff_max: float = 60.0
     wait_timeout: float = 15.0
+    #: The config and secret downloads go through the upstream proxies too.
+    upstream_proxy_for_config: bool = False
 
     def __post_init__(self) -> None:
         if self.ad_tag is not None and len(self.ad_tag) != 16:
