@@ -10,7 +10,13 @@ from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, LogEvent, Logger, LogLevel, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
-from mtproxy_tw.services.descriptors import SPARE_DESCRIPTORS, AcceptFailures, descriptors_needed
+from mtproxy_tw.services.descriptors import (
+    SPARE_DESCRIPTORS,
+    UNLIMITED_DESCRIPTORS,
+    AcceptFailures,
+    connections_allowed,
+    descriptors_needed,
+)
 
 PORT = "twisted.internet.tcp.Port"
 
@@ -171,3 +177,34 @@ class NeedTests(SynchronousTestCase):
             descriptors_needed(100, middle=False, pool_connections=80),
             200 + 1 + SPARE_DESCRIPTORS,
         )
+
+
+class ConnectionsAllowedTests(SynchronousTestCase):
+    def test_inverse_of_the_need(self) -> None:
+        """
+        ``--max-connections auto``: the most clients whose need fits the limit.
+        """
+        for middle, pools in ((False, 0), (True, 80)):
+            for limit in (200, 1024, 20000, 65536):
+                allowed, _ = connections_allowed(limit, middle=middle, pool_connections=pools)
+                need = descriptors_needed(allowed, middle=middle, pool_connections=pools)
+                self.assertLessEqual(need, limit)
+                more = descriptors_needed(allowed + 1, middle=middle, pool_connections=pools)
+                self.assertGreater(more, limit)
+
+    def test_says_why(self) -> None:
+        self.assertEqual(
+            connections_allowed(20000, middle=False),
+            (9967, "from the open-file limit 20000: 2 descriptors per direct client, 65 reserved"),
+        )
+        allowed, why = connections_allowed(20000, middle=True, pool_connections=80, listeners=2)
+        self.assertEqual(allowed, 20000 - 80 - 2 - SPARE_DESCRIPTORS)
+        self.assertIn("1 descriptor per middle-proxy client, 146 reserved, 80 of them", why)
+
+    def test_at_least_one(self) -> None:
+        self.assertEqual(connections_allowed(10, middle=False)[0], 1)
+
+    def test_unlimited(self) -> None:
+        allowed, why = connections_allowed(-1, middle=False)
+        self.assertEqual(allowed, (UNLIMITED_DESCRIPTORS - SPARE_DESCRIPTORS - 1) // 2)
+        self.assertIn("open-file limit unlimited", why)

@@ -5,6 +5,7 @@ they run out.
 
 from __future__ import annotations
 
+import contextlib
 import resource
 from collections import Counter
 from collections.abc import Callable
@@ -19,16 +20,24 @@ from mtproxy_tw._twisted import ACCEPT_FAILED, EMFILE_CLOSED, EMFILE_NOISE, rout
 __all__ = [
     "MIDDLE_POOL_DCS",
     "SPARE_DESCRIPTORS",
+    "UNLIMITED_DESCRIPTORS",
     "AcceptFailures",
+    "connections_allowed",
     "current_open_file_limit",
     "descriptors_needed",
     "limit_advice",
+    "raise_open_file_limit",
 ]
 
 #: Descriptors kept aside beyond the clients: listeners' spares, the
 #: reactor's own (epoll, waker), stdio and log files, state files, DNS,
 #: config downloads, Twisted's EMFILE reserve.
 SPARE_DESCRIPTORS = 64
+
+#: What an open-file limit of "unlimited" counts as for ``--max-connections
+#: auto`` (what :func:`raise_open_file_limit`
+#: raises such a soft limit to).
+UNLIMITED_DESCRIPTORS = 1 << 20
 
 #: DC ids a middle-proxy pool may be kept for: 1..5 and their media DCs.
 MIDDLE_POOL_DCS = 10
@@ -51,6 +60,42 @@ def descriptors_needed(
     per_client = 1 if middle else 2
     pools = pool_connections if middle else 0
     return max_connections * per_client + pools + listeners + SPARE_DESCRIPTORS
+
+
+def connections_allowed(
+    limit: int, *, middle: bool, pool_connections: int = 0, listeners: int = 1
+) -> tuple[int, str]:
+    """
+    The most clients an open-file limit of ``limit`` holds (at least one),
+    and a line saying how: the inverse of :func:`descriptors_needed`.
+    """
+    shown = "unlimited" if limit < 0 else str(limit)
+    if limit < 0:
+        limit = UNLIMITED_DESCRIPTORS
+    per_client = 1 if middle else 2
+    reserved = descriptors_needed(
+        0, middle=middle, pool_connections=pool_connections, listeners=listeners
+    )
+    allowed = max(1, (limit - reserved) // per_client)
+    pools = f", {pool_connections} of them for the middle-proxy pools" if middle else ""
+    why = (
+        f"from the open-file limit {shown}: {per_client} "
+        f"{'descriptor per middle-proxy' if middle else 'descriptors per direct'} client, "
+        f"{reserved} reserved{pools}"
+    )
+    return allowed, why
+
+
+def raise_open_file_limit() -> tuple[int, int]:
+    """
+    Raise the soft limit on open files to the hard limit; return both.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, UNLIMITED_DESCRIPTORS)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
 def current_open_file_limit() -> int:
