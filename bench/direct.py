@@ -15,6 +15,11 @@ the proxy's mask host is a closed local port, so its TLS profiling fails at
 once and it answers with random sizes.
 
     python bench/direct.py --connections 50 --megabytes 2000 [--kind ee] [--no-fast-mode]
+        [--no-splice]
+
+``--chain KIND`` starts a second proxy, the back, with a secret of that
+kind, and makes the measured one its front (``--upstream mtproxy://...``):
+the CPU figures are the front's.
 """
 
 from __future__ import annotations
@@ -120,6 +125,23 @@ class DCFactory(protocol.Factory):
         return DC(self)
 
 
+async def start_back(
+    reactor: Any, stack: contextlib.ExitStack, kind: str, dc: list[str]
+) -> list[str]:
+    """
+    Start a back proxy toward the DC; return the front's ``--upstream`` options.
+    """
+    secret = make_secret(kind)
+    port = free_port()
+    extra = list(dc)
+    if secret.kind is Mode.TLS:
+        extra += ["--mask-host", f"127.0.0.1:{stack.enter_context(closed_port())}"]
+    state = stack.enter_context(state_dir(None))
+    back = await start_process(reactor, proxy_command(port, secret, state, 20000, extra), port)
+    stack.callback(stop_process, back)
+    return ["--upstream", f"mtproxy://127.0.0.1:{port}?secret={secret.hex()}"]
+
+
 async def run(reactor: Any, args: Any) -> None:
     secret = make_secret(args.kind)
     dcs = DCFactory()
@@ -128,10 +150,14 @@ async def run(reactor: Any, args: Any) -> None:
     n = args.connections
     with contextlib.ExitStack() as stack:
         extra = ["--dc", f"2=127.0.0.1:{dc_port}"]
+        if args.chain:  # this proxy is the front; a back proxy goes to the DC
+            extra = await start_back(reactor, stack, args.chain, extra)
         if secret.kind is Mode.TLS:
             extra += ["--mask-host", f"127.0.0.1:{stack.enter_context(closed_port())}"]
         if args.no_fast_mode:
             extra.append("--no-fast-mode")
+        if args.no_splice:
+            extra.append("--no-splice")
         state = stack.enter_context(state_dir(args.state_dir))
         given: Secret | None = secret
         if args.users:
@@ -142,7 +168,12 @@ async def run(reactor: Any, args: Any) -> None:
         stack.callback(stop_process, proxy)
         await sleep(reactor, 0.5)
         mode = "fast mode" if not args.no_fast_mode else "no fast mode"
-        print(f"direct mode, {args.kind} secret, {mode}, {n} connections, {os.cpu_count()} CPUs")
+        mode += ", no splice" if args.no_splice else ""
+        chain = f", through a back proxy ({args.chain} secret)" if args.chain else ""
+        print(
+            f"direct mode, {args.kind} secret, {mode}{chain}, {n} connections, "
+            f"{os.cpu_count()} CPUs (CPU figures: the {'front' if chain else 'proxy'} only)"
+        )
 
         def make(on_data: Any) -> Any:
             return lambda: BenchClient(secret, on_data)
@@ -229,6 +260,13 @@ async def run(reactor: Any, args: Any) -> None:
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--no-fast-mode", action="store_true")
+    p.add_argument("--no-splice", action="store_true")
+    p.add_argument(
+        "--chain",
+        choices=["classic", "dd", "ee"],
+        help="put a back proxy with a secret of this kind between the proxy and the DC "
+        "(--upstream mtproxy://...)",
+    )
     args = p.parse_args()
     react(lambda reactor: run(reactor, args))
 

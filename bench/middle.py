@@ -67,6 +67,7 @@ _FLAGS_EXTRA = 0x0C
 DOWN, SINK, PING = b"DOWN", b"SINK", b"PING"
 MAX_PART = 1 << 20
 BLOB = memoryview(os.urandom(MAX_PART))
+PHASES = ("download", "upload", "small", "setup", "idle")
 
 
 # -- the fake ME (child process)
@@ -190,6 +191,9 @@ async def run(reactor: Any, args: argparse.Namespace) -> None:
     if not 0 < part <= MAX_PART:
         raise SystemExit(f"--part-kib: at most {MAX_PART >> 10}")
     n = args.connections
+    phases = set(args.phases.split(","))
+    if not phases <= set(PHASES):
+        raise SystemExit(f"--phases: of {','.join(PHASES)}")
     with contextlib.ExitStack() as stack:
         me = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), "--fake-me"], stdout=subprocess.PIPE
@@ -226,8 +230,14 @@ async def run(reactor: Any, args: argparse.Namespace) -> None:
         state = stack.enter_context(state_dir(args.state_dir))
         port = free_port()
         command = proxy_command(port, secret, state, max(10000, args.idle * 2), extra)
+        if args.profile:
+            # The proxy under cProfile; the statistics are written when it exits.
+            command[1:3] = ["-c", _PROFILED, args.profile]
         proxy = await start_process(reactor, command, port)
         stack.callback(stop_process, proxy)
+        if args.profile:
+            stack.callback(print_profile, args.profile)
+            stack.callback(stop_process, proxy)
         paths = ("/getProxyConfig", "/getProxyConfigV6", "/getProxySecret")
         for _ in range(100):
             if all(site.requests[path] for path in paths):
@@ -262,103 +272,163 @@ async def run(reactor: Any, args: argparse.Namespace) -> None:
             elapsed, cpu = proxy_meter.stop()
             return elapsed, cpu, me_meter.stop()[1]
 
-        # Download: each client asks for parts, ``window`` at a time.
         parts = max(1, math.ceil(args.megabytes * (1 << 20) / n / part))
-        total = parts * part * n
-        down = DOWN + _u32.pack(part)
-        arrived = [0]
-        downloaded: defer.Deferred[None] = defer.Deferred()
+        if "download" in phases:
+            # Download: each client asks for parts, ``window`` at a time.
+            total = parts * part * n
+            down = DOWN + _u32.pack(part)
+            arrived = [0]
+            downloaded: defer.Deferred[None] = defer.Deferred()
 
-        def fetched(c: MiddleClient, size: int) -> None:
-            arrived[0] += size
-            if c.requested < parts:
-                c.requested += 1
-                c.packet(down)
-            elif arrived[0] >= total and not downloaded.called:
-                downloaded.callback(None)
+            def fetched(c: MiddleClient, size: int) -> None:
+                arrived[0] += size
+                if c.requested < parts:
+                    c.requested += 1
+                    c.packet(down)
+                elif arrived[0] >= total and not downloaded.called:
+                    downloaded.callback(None)
 
-        clients = await connect_many(reactor, port, n, make(fetched))
-        start()
-        for c in clients:
-            for _ in range(min(args.window, parts)):
-                c.requested += 1
-                c.packet(down)
-        await downloaded
-        elapsed, cpu, me_cpu = stop()
-        print(
-            f"download: {total / elapsed / 1e6:.0f} MB/s, proxy {cpu / (total / 1e9):.2f} "
-            f"CPU s/GB (fake ME {me_cpu / (total / 1e9):.2f})"
-        )
-        for c in clients:
-            c.transport.loseConnection()
+            clients = await connect_many(reactor, port, n, make(fetched))
+            start()
+            for c in clients:
+                for _ in range(min(args.window, parts)):
+                    c.requested += 1
+                    c.packet(down)
+            await downloaded
+            elapsed, cpu, me_cpu = stop()
+            print(
+                f"download: {total / elapsed / 1e6:.0f} MB/s, proxy {cpu / (total / 1e9):.2f} "
+                f"CPU s/GB (fake ME {me_cpu / (total / 1e9):.2f})"
+            )
+            for c in clients:
+                c.transport.loseConnection()
 
-        # Upload: clients stream ``SINK`` parts, then a ping whose echo
-        # shows that everything before it went through.
-        per = parts * part
-        left = [n]
-        uploaded: defer.Deferred[None] = defer.Deferred()
+        if "upload" in phases:
+            # Upload: clients stream ``SINK`` parts, then a ping whose echo
+            # shows that everything before it went through.
+            per = parts * part
+            left = [n]
+            uploaded: defer.Deferred[None] = defer.Deferred()
 
-        def acked(c: MiddleClient, size: int) -> None:
-            left[0] -= 1
-            if not left[0]:
-                uploaded.callback(None)
+            def acked(c: MiddleClient, size: int) -> None:
+                left[0] -= 1
+                if not left[0]:
+                    uploaded.callback(None)
 
-        clients = await connect_many(reactor, port, n, make(acked))
-        start()
-        pumps = [Pump(c, c.codec.encode(SINK + BLOB[: part - 4]), per, c.ping) for c in clients]
-        await uploaded
-        elapsed, cpu, me_cpu = stop()
-        sent = sum(p.sent // len(p.block) for p in pumps) * part
-        print(
-            f"upload: {sent / elapsed / 1e6:.0f} MB/s, proxy {cpu / sent * 1e9:.2f} "
-            f"CPU s/GB (fake ME {me_cpu / sent * 1e9:.2f})"
-        )
-        for c in clients:
-            c.transport.loseConnection()
+            clients = await connect_many(reactor, port, n, make(acked))
+            start()
+            block = SINK + BLOB[: part - 4]
+            pumps = [Pump(c, c.codec.encode(block), per, c.ping) for c in clients]
+            await uploaded
+            elapsed, cpu, me_cpu = stop()
+            sent = sum(p.sent // len(p.block) for p in pumps) * part
+            print(
+                f"upload: {sent / elapsed / 1e6:.0f} MB/s, proxy {cpu / sent * 1e9:.2f} "
+                f"CPU s/GB (fake ME {me_cpu / sent * 1e9:.2f})"
+            )
+            for c in clients:
+                c.transport.loseConnection()
 
-        # Small requests: 100-byte ping-pong, echoed by the fake ME.
-        rounds = args.requests
         payload = PING + os.urandom(96)
-        remaining = [rounds * n]
-        finished: defer.Deferred[None] = defer.Deferred()
+        if "small" in phases:
+            # Small requests: 100-byte ping-pong, echoed by the fake ME.
+            rounds = args.requests
+            remaining = [rounds * n]
+            finished: defer.Deferred[None] = defer.Deferred()
 
-        def pong(c: MiddleClient, size: int) -> None:
-            remaining[0] -= 1
-            if c.answers < rounds:
+            def pong(c: MiddleClient, size: int) -> None:
+                remaining[0] -= 1
+                if c.answers < rounds:
+                    c.packet(payload)
+                if remaining[0] == 0:
+                    finished.callback(None)
+
+            clients = await connect_many(reactor, port, n, make(pong))
+            start()
+            for c in clients:
                 c.packet(payload)
-            if remaining[0] == 0:
-                finished.callback(None)
+            await finished
+            elapsed, cpu, me_cpu = stop()
+            print(
+                f"small requests: {rounds * n / elapsed:.0f} round trips/s, "
+                f"proxy {cpu / (rounds * n) * 1e6:.0f} CPU us per request "
+                f"(fake ME {me_cpu / (rounds * n) * 1e6:.0f})"
+            )
+            for c in clients:
+                c.transport.loseConnection()
 
-        clients = await connect_many(reactor, port, n, make(pong))
-        start()
-        for c in clients:
-            c.packet(payload)
-        await finished
-        elapsed, cpu, me_cpu = stop()
-        print(
-            f"small requests: {rounds * n / elapsed:.0f} round trips/s, "
-            f"proxy {cpu / (rounds * n) * 1e6:.0f} CPU us per request "
-            f"(fake ME {me_cpu / (rounds * n) * 1e6:.0f})"
-        )
-        for c in clients:
-            c.transport.loseConnection()
+        if "idle" in phases:
+            # Idle connections: RSS growth per handshaken client with a session.
+            await sleep(reactor, 1.0)
+            rss0 = rss_bytes(proxy.pid)
+            idle = await connect_many(reactor, port, args.idle, make(lambda c, s: None))
+            for c in idle:
+                c.packet(payload)
+            await sleep(reactor, 2.0)
+            rss1 = rss_bytes(proxy.pid)
+            answered = sum(c.answers for c in idle)
+            print(
+                f"idle: {args.idle} clients ({answered} answered), "
+                f"proxy RSS +{(rss1 - rss0) / args.idle / 1024:.1f} kB each"
+            )
+            for c in idle:
+                c.transport.loseConnection()
+            await sleep(reactor, 0.5)
 
-        # Idle connections: RSS growth per handshaken client with a session.
-        await sleep(reactor, 1.0)
-        rss0 = rss_bytes(proxy.pid)
-        idle = await connect_many(reactor, port, args.idle, make(lambda c, s: None))
-        for c in idle:
-            c.packet(payload)
-        await sleep(reactor, 2.0)
-        rss1 = rss_bytes(proxy.pid)
-        answered = sum(c.answers for c in idle)
-        print(
-            f"idle: {args.idle} clients ({answered} answered), "
-            f"proxy RSS +{(rss1 - rss0) / args.idle / 1024:.1f} kB each"
-        )
-        for c in idle:
-            c.transport.loseConnection()
-        await sleep(reactor, 0.5)
+        if "setup" in phases:
+            # Connection set-up: handshake, session and first round trip; then close.
+            count = args.setup
+            answered = [0]
+            all_answered: defer.Deferred[None] = defer.Deferred()
+
+            def first(c: MiddleClient, size: int) -> None:
+                answered[0] += 1
+                if answered[0] == count:
+                    all_answered.callback(None)
+
+            start()
+            fresh = await connect_many(reactor, port, count, make(first))
+            for c in fresh:
+                c.packet(payload)
+            await all_answered.addTimeout(60, reactor)
+            elapsed, cpu, me_cpu = stop()
+            start()
+            for c in fresh:
+                c.transport.loseConnection()
+            await sleep(reactor, 1.0)
+            _, close_cpu, _ = stop()
+            print(
+                f"set-up: {count / elapsed:.0f} clients/s, proxy {cpu / count * 1e6:.0f} CPU us "
+                f"per client to its first answer, {close_cpu / count * 1e6:.0f} to close"
+            )
+
+
+#: Runs ``twist`` under cProfile; the statistics are written once the reactor
+#: has stopped (twist then ends itself with the signal it got, skipping atexit).
+_PROFILED = """
+import cProfile, sys
+from twisted.internet import reactor
+from twisted.application.twist._twist import Twist
+path = sys.argv[1]
+del sys.argv[1]
+profile = cProfile.Profile()
+def dump():
+    profile.disable()
+    profile.dump_stats(path)
+reactor.addSystemEventTrigger("after", "shutdown", dump)
+profile.enable()
+Twist.main()
+"""
+
+
+def print_profile(path: str, top: int = 25) -> None:
+    """
+    The proxy's functions that took the most time of their own.
+    """
+    import pstats
+
+    if os.path.exists(path):
+        pstats.Stats(path, stream=sys.stdout).sort_stats("tottime").print_stats(top)
 
 
 def main() -> None:
@@ -368,6 +438,11 @@ def main() -> None:
     p = parser(__doc__)
     p.add_argument("--part-kib", type=int, default=128, help="size of a download/upload part")
     p.add_argument("--window", type=int, default=4, help="download parts in flight per client")
+    p.add_argument("--phases", default=",".join(PHASES), help="what to measure (comma-separated)")
+    p.add_argument("--setup", type=int, default=1000, help="clients for the set-up measurement")
+    p.add_argument(
+        "--profile", metavar="FILE", help="run the proxy under cProfile, write FILE, print the top"
+    )
     args = p.parse_args()
     react(lambda reactor: run(reactor, args))
 

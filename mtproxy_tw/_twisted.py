@@ -25,6 +25,20 @@ The listening socket. :func:`clamp_mss` sets ``TCP_MAXSEG`` on
 Accept failures. ``tcp.Port`` logs one event per connection it cannot
 accept; :func:`route_accept_log` sends one port's events to an observer
 that counts them (:class:`mtproxy_tw.services.descriptors.AcceptFailures`).
+
+Splicing (:mod:`mtproxy_tw.proxy.splice`). The reactor calls a readable
+descriptor's ``doRead`` and a writable one's ``doWrite``, looked up on the
+instance, and acts on what they return (``CONNECTION_DONE`` or
+``CONNECTION_LOST``: ``connectionLost``). :func:`take_reads` and
+:func:`take_writes` put a function of ours there, so the bytes of one
+direction move socket to socket while Twisted still owns the connection:
+its reading and writing of the other direction, its flow control
+(``startReading``/``stopReading``, ``startWriting``/``stopWriting``: there
+is one registration per descriptor in the reactor, so the same transport
+must be used to watch its socket) and its closing. A drained write hands
+on to Twisted's own ``doWrite``, which finishes a ``loseConnection``.
+:func:`give_back` removes them, unless ``abortConnection`` already put
+its own there.
 """
 
 from __future__ import annotations
@@ -33,6 +47,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import tcp
@@ -47,11 +62,18 @@ __all__ = [
     "READ_SIZE",
     "buffered",
     "clamp_mss",
+    "fileno",
+    "give_back",
+    "hand_over",
     "no_delay",
     "plain_tcp",
     "route_accept_log",
     "set_read_size",
+    "take_reads",
+    "take_writes",
     "tune_malloc",
+    "watch_reads",
+    "watch_writes",
     "write",
 ]
 
@@ -231,3 +253,81 @@ def tune_malloc() -> bool:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3
     return bool(mallopt(m_mmap_threshold, 4 << 20)) and bool(mallopt(m_trim_threshold, 64 << 20))
+
+
+#: What the reactor's descriptor calls return: ``None``, or why it is lost.
+Outcome = Any
+
+
+def fileno(transport: Any) -> int:
+    """
+    The socket descriptor of a plain TCP connection (:func:`plain_tcp`).
+    """
+    fd: int = transport.socket.fileno()
+    return fd
+
+
+def take_reads(transport: Any, read: Callable[[], Outcome]) -> None:
+    """
+    Have the reactor call ``read()`` instead of reading ``transport``'s
+    socket itself whenever it is readable (and being read:
+    ``startReading``); what it returns is acted on as ``doRead``'s would be.
+    """
+    transport.doRead = read
+
+
+def take_writes(transport: Any, write: Callable[[], Outcome]) -> Callable[[], Outcome]:
+    """
+    Have the reactor call ``write()`` whenever ``transport``'s socket is
+    writable (and watched: ``startWriting``); return Twisted's own
+    ``doWrite``, which ``write`` calls once it has nothing of its own left.
+    """
+    own: Callable[[], Outcome] = type(transport).doWrite.__get__(transport)
+    transport.doWrite = write
+    return own
+
+
+def give_back(transport: Any, *functions: Callable[[], Outcome]) -> None:
+    """
+    Remove the ``doRead``/``doWrite`` of ours among ``functions`` from
+    ``transport``; those ``abortConnection`` put there stay.
+    """
+    for name in ("doRead", "doWrite"):
+        if transport.__dict__.get(name) in functions:
+            del transport.__dict__[name]
+
+
+def watch_reads(transport: Any, on: bool) -> None:
+    """
+    Start or stop the reactor watching ``transport``'s socket for reads.
+    """
+    if transport.connected and not transport.disconnecting:
+        if on:
+            transport.startReading()
+        else:
+            transport.stopReading()
+
+
+def watch_writes(transport: Any) -> None:
+    """
+    Have the reactor watch ``transport``'s socket for writability, until its
+    ``doWrite`` finds nothing left to send (Twisted's own ``doWrite`` then
+    stops watching).
+    """
+    if transport.connected:
+        transport.startWriting()
+
+
+def hand_over(transport: Any, protocol: Any) -> bool:
+    """
+    Make ``protocol`` the one the plain TCP connection ``transport`` calls
+    (``dataReceived``, ``readConnectionLost``, ``connectionLost``) from now
+    on, replacing the one it was made with and any endpoint wrapper around
+    that; ``False`` (nothing changed) on any other kind of transport.
+
+    ``tcp.Connection.protocol`` is the attribute it calls them on.
+    """
+    if not plain_tcp(transport):
+        return False
+    transport.protocol = protocol
+    return True

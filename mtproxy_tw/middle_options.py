@@ -17,6 +17,7 @@ from twisted.python import usage
 
 from mtproxy_tw.config import values
 from mtproxy_tw.middle.address import ExternalAddress
+from mtproxy_tw.middle.fetch import upstream_http_client
 from mtproxy_tw.middle.settings import MiddleSettings
 from mtproxy_tw.middle.telegramconfig import TelegramConfig
 from mtproxy_tw.middle.upstream import MiddleProxy
@@ -45,9 +46,9 @@ def middle_settings_from_options(options: Mapping[str, Any]) -> MiddleSettings |
     pool_min, pool_max = options["middle-pool-min"], options["middle-pool-max"]
     if pool_max < pool_min:
         raise usage.UsageError("--middle-pool-max: must not be below --middle-pool-min")
-    if upstream == "direct":
+    if upstream != "middle":  # direct, or through another MTProxy (a BackProxy)
         if ad_tag is not None:
-            log.warn("--upstream direct: the ad tag is not sent in direct mode")
+            log.warn("--upstream {kind}: the ad tag is not sent in direct mode", kind=upstream)
         return None
     timeout = options.get("connect-timeout")
     return MiddleSettings(
@@ -65,6 +66,7 @@ def middle_settings_from_options(options: Mapping[str, Any]) -> MiddleSettings |
         direct_fallback=bool(options.get("direct-fallback")) or ad_tag is None,
         prefer_ipv6=bool(options.get("prefer-ipv6")),
         handshake_timeout=float(timeout) if timeout is not None else 10.0,
+        upstream_proxy_for_config=bool(options.get("upstream-proxy-for-config")),
     )
 
 
@@ -83,6 +85,13 @@ def build_middle(
     Set ``core.middle`` to the upstream and add the service to the
     application; ``http_client`` (a treq ``HTTPClient``) is for tests.
     """
+    lookup_client = config_client = http_client
+    upstreams = core.upstreams
+    if upstreams is not None and http_client is None:
+        # The middle proxies see the upstream's egress: it is looked up through it.
+        lookup_client = upstream_http_client(reactor, upstreams)
+        if settings.upstream_proxy_for_config:
+            config_client = lookup_client
     config = TelegramConfig(
         reactor,
         state_dir=state_dir,
@@ -91,10 +100,15 @@ def build_middle(
         secret_url=settings.proxy_secret_url,
         refresh=settings.config_refresh,
         timeout=settings.http_timeout,
-        http_client=http_client,
+        http_client=config_client,
     )
     external = ExternalAddress(
-        reactor, settings.nat_ips, settings.ip_lookup_url, http_client, settings.http_timeout
+        reactor,
+        settings.nat_ips,
+        settings.ip_lookup_url,
+        lookup_client,
+        settings.http_timeout,
+        via=upstreams.describe() if upstreams is not None else None,
     )
     upstream = MiddleProxy(core, settings, config, external=external, random=random)
     top = MultiService()

@@ -9,10 +9,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mtproxy_tw.config.schema import default
+from mtproxy_tw.wire.chain import BackProxy
 from mtproxy_tw.wire.dcs import Address, DCTable
 from mtproxy_tw.wire.secrets import Mode, Secret
+from mtproxy_tw.wire.socks5 import UpstreamProxy
 
-__all__ = ["Settings"]
+__all__ = ["UNRESOLVED_CONNECTIONS", "Settings"]
+
+#: The connection limit of settings whose ``auto`` no proxy service has
+#: worked out (a core used on its own, as in the tests).
+UNRESOLVED_CONNECTIONS = 10000
 
 
 @dataclass(frozen=True)
@@ -28,10 +34,16 @@ class Settings:
     modes: frozenset[Mode] = default("modes")
     dcs: DCTable = field(default_factory=DCTable)
     fast_mode: bool = True
+    #: Splice the download direction when it is a copy (``--no-splice``: never).
+    splice: bool = True
+    #: ``--upstream mtproxy://...``: direct mode goes through this back proxy.
+    upstream: BackProxy | None = None
     handshake_timeout: float = default("handshake-timeout")
     idle_timeout: float = default("idle-timeout")
     connect_timeout: float = default("connect-timeout")
-    max_connections: int = default("max-connections")
+    #: ``None`` (``auto``): the proxy fills in what its open-file limit
+    #: holds when it starts (:class:`~mtproxy_tw.services.proxy.ProxyService`).
+    max_connections: int | None = default("max-connections")
     #: Connections still in their handshake at once; ``None``: a quarter
     #: of ``max_connections`` (at least 16).
     max_handshakes: int | None = None
@@ -52,6 +64,18 @@ class Settings:
     tls_time_skew: float = default("tls-time-skew")
     #: Seconds between stats lines in the log; 0 turns them off.
     stats_interval: float = default("stats-interval")
+    #: SOCKS5 servers every connection toward Telegram goes through, in turn.
+    upstream_proxies: tuple[UpstreamProxy, ...] = ()
+
+    @property
+    def connection_cap(self) -> int:
+        """
+        How many client connections may be open at once; before the proxy
+        has worked out ``auto``, :data:`UNRESOLVED_CONNECTIONS`.
+        """
+        if self.max_connections is None:
+            return UNRESOLVED_CONNECTIONS
+        return self.max_connections
 
     @property
     def handshake_cap(self) -> int:
@@ -60,7 +84,7 @@ class Settings:
         """
         if self.max_handshakes is not None:
             return self.max_handshakes
-        return max(16, self.max_connections // 4)
+        return max(16, self.connection_cap // 4)
 
     @property
     def tls_domains(self) -> frozenset[str]:

@@ -27,6 +27,7 @@ from mtproxy_tw.services.reload import ConfigFile, SecretsReloader, read_secrets
 from mtproxy_tw.services.state import StateDir, StateError, default_state_dir
 from mtproxy_tw.services.usage import UsageService
 from mtproxy_tw.settings import Settings
+from mtproxy_tw.wire.chain import BackProxy
 from mtproxy_tw.wire.dcs import Address, DCTable
 from mtproxy_tw.wire.secrets import Secret, SecretError
 
@@ -182,6 +183,8 @@ def settings_from_options(options: Options, secrets: tuple[Secret, ...]) -> Sett
         modes=options["modes"],
         dcs=DCTable(overrides, prefer_ipv6=bool(options["prefer-ipv6"])),
         fast_mode=not options["no-fast-mode"],
+        splice=not options["no-splice"],
+        upstream=back if isinstance(back := options["upstream"], BackProxy) else None,
         handshake_timeout=options["handshake-timeout"],
         idle_timeout=options["idle-timeout"],
         connect_timeout=options["connect-timeout"],
@@ -198,6 +201,7 @@ def settings_from_options(options: Options, secrets: tuple[Secret, ...]) -> Sett
         split_server_hello=bool(options["split-server-hello"]),
         tls_time_skew=options["tls-time-skew"],
         stats_interval=options["stats-interval"],
+        upstream_proxies=tuple(options.get("upstream-proxy") or ()),
         # A replayed hello must be caught for as long as its timestamp is accepted.
         replay_window=max(options["replay-window"], 2 * options["tls-time-skew"]),
     )
@@ -259,6 +263,11 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         else:
             log.info("no --secret given: using the secret kept in {path}", path=kept)
     settings = settings_from_options(options, secrets)
+    if settings.upstream_proxies:
+        log.info(
+            "Telegram is reached through the upstream proxy {proxies}",
+            proxies=", ".join(p.label for p in settings.upstream_proxies),
+        )
     top = MultiService()
     proxy = ProxyService(settings, reactor, options["listen"], options.get("listen-named-by"))
     proxy.setServiceParent(top)

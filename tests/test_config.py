@@ -117,7 +117,7 @@ class FileTests(SynchronousTestCase):
 
     def test_wrong_types(self) -> None:
         for text, key, why in [
-            ('max_connections = "many"', "max_connections", "must be a whole number"),
+            ('replay_capacity = "many"', "replay_capacity", "must be a whole number"),
             ("max_connections = 2.5", "max_connections", "must be a whole number"),
             ("handshake_timeout = true", "handshake_timeout", "must be a whole number or"),
             ('prefer_ipv6 = "yes"', "prefer_ipv6", "must be true or false"),
@@ -127,6 +127,12 @@ class FileTests(SynchronousTestCase):
         ]:
             message = self.refused(text + "\n")
             self.assertIn(f"{key}: {why}", message)
+
+    def test_max_connections_auto(self) -> None:
+        path = self.write('max_connections = "auto"\n')
+        self.assertIsNone(self.parse("--config", path, "--secret", DD)["max-connections"])
+        message = self.refused('max_connections = "many"\n')
+        self.assertIn("max_connections: 'many' is not a whole number (or auto)", message)
 
     def test_bad_values(self) -> None:
         for text, key in [

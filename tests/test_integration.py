@@ -183,8 +183,12 @@ class ProxyHarness(TestCase):
 
 def producer_paused(pair: ClientProtocol) -> bool:
     """
-    Whether the proxy stopped reading from the DC for this client.
+    Whether the proxy stopped reading from the DC for this client: Twisted
+    paused it, or its splice pump holds bytes the client has not taken.
     """
+    pump = getattr(pair._dc, "pump", None)
+    if pump is not None:
+        return pump.held > 0
     return bool(getattr(pair.transport, "producerPaused", False))
 
 

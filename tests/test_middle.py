@@ -29,6 +29,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from mtproxy_tw.config.cli import GeneratedOptions
+from mtproxy_tw.middle import session as session_module
 from mtproxy_tw.middle.address import ExternalAddress
 from mtproxy_tw.middle.cache import CONFIG_FILE, CONFIG_V6_FILE, SECRET_FILE
 from mtproxy_tw.middle.connection import MEConnection
@@ -176,7 +177,10 @@ class MemoryHarness(SynchronousTestCase):
             hostAddress=IPv4Address("TCP", host, port),
             peerAddress=IPv4Address("TCP", "10.0.0.1", local_port),
         )
-        pump = iosim.connect(server, server_transport, client, client_transport, clock=None)
+        # The clock moves with the bytes: a connection writes once per reactor wake-up.
+        pump = iosim.connect(
+            server, server_transport, client, client_transport, clock=self.reactor
+        )
         protocol = client._wrappedProtocol
         assert isinstance(protocol, MEConnection)
         return protocol, server, pump
@@ -294,9 +298,40 @@ class SessionTests(MemoryHarness):
         codec = codec_for_tag(TAG_INTERMEDIATE)
         writes = len(conn.transport.stream)
         session.feed(b"".join(codec.encode(_payload(40)) for _ in range(10)))
+        self.reactor.advance(0)
         self.assertEqual(len(conn.transport.stream), writes + 1)
         pump.flush()
         self.assertEqual(self.fake.requests, 10)
+
+    def test_padding_noise_drawn_in_blocks(self) -> None:
+        draws: list[int] = []
+
+        def urandom(count: int) -> bytes:
+            draws.append(count)
+            return bytes(range(16 * len(draws), 16 * len(draws) + count))
+
+        self.patch(session_module.os, "urandom", urandom)
+        noise = session_module._Noise(block=8)
+        taken = [noise.take(4), noise.take(3), noise.take(2)]
+        self.assertEqual(taken, [bytes([16, 17, 18, 19]), bytes([20, 21, 22]), bytes([32, 33])])
+        self.assertEqual(draws, [8, 8])
+
+    def test_reads_of_one_wake_up_go_in_one_write(self) -> None:
+        self.upstream(pool_min=1)
+        (_c1, first), (_c2, second) = self.attach(), self.attach()
+        conn, _, pump = self.complete()
+        pump.flush()
+        self.assertIs(first.conn, second.conn)
+        codec = codec_for_tag(TAG_INTERMEDIATE)
+        writes = len(conn.transport.stream)
+        first.feed(codec.encode(_payload(40)))
+        second.feed(codec.encode(_payload(40)))
+        first.feed(codec.encode(_payload(40)))
+        self.assertEqual(len(conn.transport.stream), writes)
+        self.reactor.advance(0)
+        self.assertEqual(len(conn.transport.stream), writes + 1)
+        pump.flush()
+        self.assertEqual(self.fake.requests, 3)
 
     def test_client_close_sends_close_conn(self) -> None:
         self.upstream(pool_min=1)

@@ -134,6 +134,9 @@ class CommandTests(TestCase):
                 "--log-format",
                 "text",
                 "mtproxy",
+                # More than fit: an explicit number is kept, with a warning.
+                "--max-connections",
+                "10000",
                 "--listen",
                 f"tcp:{port}:interface=127.0.0.1",
                 "--secret",

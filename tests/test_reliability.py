@@ -18,6 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mtproxy_tw.proxy.client import ClientProtocol
 from mtproxy_tw.proxy.core import ProxyCore
+from mtproxy_tw.proxy.legs import FLUSH_GRACE
 from mtproxy_tw.settings import Settings
 from mtproxy_tw.wire.dcs import Address, DCTable
 from mtproxy_tw.wire.obfuscated2 import TAG_PADDED, generate_init
@@ -183,6 +184,11 @@ class PairClosedBothWaysTests(_Logged):
         self.reactor.advance(8)
         self.assertTrue(transport.aborted)
         client.connectionLost()
+        # What was queued toward the DC gets a grace period to drain, then
+        # the socket is aborted: it never stays open for ever.
+        self.assertTrue(dc.disconnecting)
+        self.assertFalse(dc.aborted)
+        self.reactor.advance(FLUSH_GRACE)
         self.assertTrue(dc.aborted)
         self.assertEqual(self.reactor.getDelayedCalls(), [])
 
@@ -202,6 +208,7 @@ class PairClosedBothWaysTests(_Logged):
         _complete(self.reactor, site)
         site.dataBuffer = b"x" * 65536
         client.connectionLost()
+        self.reactor.advance(FLUSH_GRACE)
         self.assertTrue(site.aborted)
 
     def test_bytes_after_the_dc_closed(self) -> None:

@@ -630,6 +630,36 @@ class FramingPropertyTests(SynchronousTestCase):
 
     @settings(max_examples=200, deadline=None)
     @given(payloads, cuts, st.booleans(), st.data())
+    def test_pieces_and_late_reads(
+        self, items: list[bytes], cut: list[int], encrypted: bool, data: st.DataObject
+    ) -> None:
+        """
+        Payloads framed from pieces, chunks fed with frames of earlier ones
+        still unread, and the frames read as views: the same payloads.
+        """
+        whole, pieced = FrameEncoder(), FrameEncoder()
+        if encrypted:
+            whole.set_key(KEY, IV)
+            pieced.set_key(KEY, IV)
+        at = [data.draw(st.integers(0, len(item))) for item in items]
+        pieces = [(item[:i], memoryview(item)[i:]) for item, i in zip(items, at, strict=True)]
+        stream = pieced.encode_pieces(pieces)
+        self.assertEqual(stream, whole.encode(*items))
+        self.assertEqual(pieced.seq, whole.seq)
+        decoder = FrameDecoder()
+        if encrypted:
+            decoder.set_key(KEY, IV)
+        got: list[bytes] = []
+        for chunk in _split(stream, cut):
+            decoder.feed(chunk)
+            if data.draw(st.booleans()):
+                got.extend(bytes(view) for view in decoder.views())
+        got.extend(bytes(view) for view in decoder.views())
+        self.assertEqual(got, items)
+        self.assertEqual(decoder.buffered, 0)
+
+    @settings(max_examples=200, deadline=None)
+    @given(payloads, cuts, st.booleans(), st.data())
     def test_truncation_waits(
         self, items: list[bytes], cut: list[int], encrypted: bool, data: st.DataObject
     ) -> None:

@@ -101,7 +101,9 @@ class OptionsTests(SynchronousTestCase):
         options = parse("--secret", S)
         self.assertEqual(options["listen"], ["tcp:443"])
         self.assertEqual(options["modes"], frozenset(Mode))
-        self.assertEqual(options["max-connections"], 10000)
+        self.assertIsNone(options["max-connections"])  # auto: from the open-file limit
+        self.assertIsNone(parse("--secret", S, "--max-connections", "auto")["max-connections"])
+        self.assertEqual(parse("--secret", S, "--max-connections", "7")["max-connections"], 7)
 
     def test_port_and_listen(self) -> None:
         self.assertEqual(parse("--port", "8443")["listen"], ["tcp:8443"])
@@ -320,7 +322,7 @@ class OpenFileLimitTests(SynchronousTestCase):
         """
         Start the proxy with a faked open-file limit; return its warnings.
         """
-        observer = observe(self)
+        observer = self.events = observe(self)
         top = tap.makeService(
             parse(
                 "--listen",
@@ -336,9 +338,13 @@ class OpenFileLimitTests(SynchronousTestCase):
         assert isinstance(top, MultiService)
         proxy = next(s for s in top if isinstance(s, ProxyService))
         proxy.open_file_limit = lambda: limit
+        self.proxy = proxy
         top.startService()
         self.addCleanup(top.stopService)
         return warnings(observer)
+
+    def infos(self) -> list[str]:
+        return [formatEvent(e) for e in self.events if e["log_level"] is LogLevel.info]
 
     def test_low_limit_warns_at_start(self) -> None:
         """
@@ -372,6 +378,64 @@ class OpenFileLimitTests(SynchronousTestCase):
 
     def test_enough_is_no_warning(self) -> None:
         self.assertEqual(self.start((65536, 65536), "--secret", S), [])
+
+    def test_auto_follows_the_limit(self) -> None:
+        """
+        By default --max-connections is what the raised open-file limit
+        holds, and the start-up log says the figure and why.
+        """
+        self.assertEqual(self.start((20000, 20000), "--secret", S), [])
+        # (20000 - 64 spare - 1 listener) // 2 descriptors per direct client
+        self.assertEqual(self.proxy.settings.max_connections, 9967)
+        self.assertEqual(self.proxy.settings.handshake_cap, 9967 // 4)
+        self.assertIn(
+            "--max-connections 9967 (from the open-file limit 20000: "
+            "2 descriptors per direct client, 65 reserved)",
+            self.infos(),
+        )
+        self.assertEqual(self.proxy.descriptors_needed(), 20000 - 1)
+
+    def test_auto_middle_clients_need_one_each(self) -> None:
+        found = self.start(
+            (20000, 20000),
+            "--secret",
+            S,
+            "--ad-tag",
+            "ab" * 16,
+            "--nat-ip",
+            "203.0.113.7",
+            "--proxy-config-url",
+            "http://127.0.0.1:1/c",
+        )
+        self.assertEqual(found, [])
+        # 80 pool connections (10 DCs x --middle-pool-max 8), 64 spare, 1 listener.
+        self.assertEqual(self.proxy.settings.max_connections, 20000 - 145)
+        self.assertTrue(
+            any("1 descriptor per middle-proxy client, 145 reserved" in i for i in self.infos())
+        )
+
+    def test_auto_outlives_a_reload(self) -> None:
+        self.start((200, 200), "--secret", S, "--max-connections", "auto")
+        self.assertEqual(self.proxy.settings.max_connections, 67)
+        settings = tap.settings_from_options(parse("--secret", S), ())
+        self.proxy.reload(settings)
+        self.assertEqual(self.proxy.core.settings.max_connections, 67)
+
+    def test_auto_below_the_reserve(self) -> None:
+        """
+        A limit that holds nothing beyond the reserved descriptors leaves
+        one client, with a warning.
+        """
+        found = self.start((48, 48), "--secret", S)
+        self.assertEqual(self.proxy.settings.max_connections, 1)
+        self.assertEqual(len(found), 1, found)
+        self.assertIn("open file limit 48 (hard 48) leaves no room", found[0])
+        self.assertIn("LimitNOFILE=", found[0])
+
+    def test_explicit_number_stays(self) -> None:
+        self.assertEqual(self.start((20000, 20000), "--secret", S, "--max-connections", "50"), [])
+        self.assertEqual(self.proxy.settings.max_connections, 50)
+        self.assertIn("open file limit: 20000 (hard 20000)", self.infos())
 
 
 class AcceptFailureTests(SynchronousTestCase):

@@ -13,8 +13,8 @@ import os
 import socket
 from typing import Any
 
+from twisted.internet import main, tcp
 from twisted.internet import reactor as _reactor
-from twisted.internet import tcp
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
@@ -24,6 +24,7 @@ from twisted.logger import LogEvent
 from twisted.protocols.haproxy import proxyEndpoint
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mtproxy_tw import _twisted
@@ -299,6 +300,28 @@ class TwistedAssumptionTests(SynchronousTestCase):
         self.assertTrue(issubclass(ssl.Port, tcp.Port))
         self.assertTrue(issubclass(unix.Port, tcp.Port))
 
+    def test_tcp_Connection_calls_its_protocol_attribute(self) -> None:
+        """
+        A TCP connection calls ``dataReceived`` and ``connectionLost`` on
+        whatever its ``protocol`` attribute holds when they happen
+        (:func:`_twisted.hand_over` replaces it).
+        """
+        pair = Pair(self)
+        first, second = pair.protocol, Received()
+        lost: list[object] = []
+        second.connectionLost = lost.append  # type: ignore[method-assign]
+        self.assertTrue(_twisted.hand_over(pair.transport, second))
+        self.assertIs(pair.transport.protocol, second)
+        pair.far.send(b"after")
+        pair.transport.doRead()
+        self.assertEqual((first.data, second.data), (b"", b"after"))
+        pair.far.close()
+        reason = pair.transport.doRead()
+        self.assertIsNotNone(reason)
+        pair.transport.connectionLost(Failure(reason))
+        self.assertEqual(len(lost), 1)
+        self.assertFalse(_twisted.hand_over(object(), second))
+
 
 class WriteTests(SynchronousTestCase):
     def test_sends_at_once(self) -> None:
@@ -528,3 +551,183 @@ class ClampMSSTests(SynchronousTestCase):
 class MallocTests(SynchronousTestCase):
     def test_tune(self) -> None:
         self.assertIsInstance(_twisted.tune_malloc(), bool)
+
+
+# -- splicing: the reactor's calls into a transport, taken over
+
+
+class ClockPair(Pair):
+    """
+    A :class:`Pair` whose reactor also has a clock (``abortConnection``
+    schedules the loss).
+    """
+
+    def __init__(self, test: SynchronousTestCase) -> None:
+        super().__init__(test)
+        self.reactor = self.transport.reactor = MemoryReactorClock()
+
+
+class SpliceAssumptionTests(SynchronousTestCase):
+    """
+    What :func:`_twisted.take_reads` and :func:`_twisted.take_writes` assume.
+    """
+
+    def test_fileno_is_the_sockets(self) -> None:
+        """
+        A TCP transport's ``socket.fileno()`` is the descriptor it reads.
+        """
+        pair = Pair(self)
+        self.assertEqual(_twisted.fileno(pair.transport), pair.near.fileno())
+        self.assertEqual(pair.transport.fileno(), pair.near.fileno())
+
+    def test_watching_is_startReading_and_startWriting(self) -> None:
+        """
+        ``startReading``/``stopReading`` and ``startWriting`` (re)register
+        the transport itself with the reactor, one registration each.
+        """
+        pair = Pair(self)
+        transport = pair.transport
+        transport.startReading()
+        self.assertIn(transport, pair.reactor.getReaders())
+        _twisted.watch_reads(transport, False)
+        self.assertNotIn(transport, pair.reactor.getReaders())
+        _twisted.watch_reads(transport, True)
+        self.assertIn(transport, pair.reactor.getReaders())
+        _twisted.watch_writes(transport)
+        self.assertIn(transport, pair.reactor.getWriters())
+
+    def test_own_doWrite_with_nothing_queued_stops_watching(self) -> None:
+        """
+        Twisted's ``doWrite`` with an empty queue stops watching for
+        writability, and after ``loseConnection`` ends the connection
+        (returns ``CONNECTION_DONE`` to the reactor).
+        """
+        pair = Pair(self)
+        transport = pair.transport
+        calls: list[int] = []
+        own = _twisted.take_writes(transport, lambda: calls.append(1))
+        transport.startWriting()
+        self.assertIsNone(own())
+        self.assertNotIn(transport, pair.reactor.getWriters())
+        transport.loseConnection()
+        self.assertIn(transport, pair.reactor.getWriters())
+        self.assertIs(own(), main.CONNECTION_DONE)
+        self.assertEqual(calls, [])
+
+    def test_abortConnection_puts_its_own_doRead_and_doWrite(self) -> None:
+        """
+        ``abortConnection`` replaces ``doRead`` and ``doWrite`` on the
+        instance, so giving ours back must leave its own in place.
+        """
+        pair = ClockPair(self)
+        transport = pair.transport
+
+        def read() -> None:
+            return None
+
+        _twisted.take_reads(transport, read)
+        _twisted.take_writes(transport, read)
+        transport.abortConnection()
+        _twisted.give_back(transport, read)
+        self.assertIn("doRead", transport.__dict__)
+        self.assertIn("doWrite", transport.__dict__)
+        self.assertIsNot(transport.doRead, read)
+        self.assertIsNone(transport.doRead())
+
+    def test_give_back_restores_the_class_methods(self) -> None:
+        pair = Pair(self)
+        transport = pair.transport
+
+        def read() -> None:
+            return None
+
+        _twisted.take_reads(transport, read)
+        _twisted.take_writes(transport, read)
+        self.assertIs(transport.doRead, read)
+        _twisted.give_back(transport, read)
+        self.assertEqual(transport.doRead, type(transport).doRead.__get__(transport))
+        self.assertEqual(transport.doWrite, type(transport).doWrite.__get__(transport))
+
+
+class SpliceLiveTests(TestCase):
+    """
+    The installed reactor calls the instance's ``doRead``, and acts on what
+    it returns.
+    """
+
+    async def pair(self) -> tuple[Any, Any, Deferred[None]]:
+        made: list[Deferred[Any]] = [Deferred(), Deferred()]
+        lost: Deferred[None] = Deferred()
+
+        class End(Protocol):
+            def __init__(self, index: int) -> None:
+                self.index = index
+
+            def connectionMade(self) -> None:
+                made[self.index].callback(self.transport)
+
+            def connectionLost(self, reason: object = None) -> None:
+                if self.index == 0:
+                    lost.callback(None)
+
+        class Ends(ClientFactory):
+            def __init__(self, index: int) -> None:
+                self.index = index
+
+            def buildProtocol(self, addr: Any) -> End:
+                return End(self.index)
+
+        port = reactor.listenTCP(0, Ends(0), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        reactor.connectTCP("127.0.0.1", port.getHost().port, Ends(1))
+        server, client = [await d for d in made]
+        self.addCleanup(client.abortConnection)
+        self.addCleanup(server.abortConnection)
+        return server, client, lost
+
+    def test_reactor_calls_the_instance_doRead(self) -> Deferred[None]:
+        """
+        A readable socket makes the reactor call ``transport.doRead`` as
+        found on the instance; ``CONNECTION_DONE`` from it loses the
+        connection (``connectionLost``).
+        """
+
+        async def check() -> None:
+            server, client, lost = await self.pair()
+            read: Deferred[bytes] = Deferred()
+
+            def on_read() -> object:
+                data = server.socket.recv(100)
+                if not read.called:
+                    read.callback(data)
+                return main.CONNECTION_DONE
+
+            _twisted.take_reads(server, on_read)
+            client.write(b"spliced")
+            self.assertEqual(await read.addTimeout(5, reactor), b"spliced")
+            await lost.addTimeout(5, reactor)
+
+        return ensureDeferred(check())
+
+    def test_reactor_calls_the_instance_doWrite(self) -> Deferred[None]:
+        """
+        A watched writable socket makes the reactor call ``transport.doWrite``
+        as found on the instance.
+        """
+
+        async def check() -> None:
+            server, _client, _lost = await self.pair()
+            wrote: Deferred[None] = Deferred()
+
+            def on_write() -> object:
+                result = own()
+                if not wrote.called:
+                    wrote.callback(None)
+                return result
+
+            own = _twisted.take_writes(server, on_write)
+            _twisted.watch_writes(server)
+            await wrote.addTimeout(5, reactor)
+            self.assertNotIn(server, reactor.getWriters())
+
+        return ensureDeferred(check())

@@ -223,6 +223,8 @@ class WrappedListenerTests(TestCase):
         transport = self.proxy_side()
         self.assertIsInstance(transport, TLSMemoryBIOProtocol)
         self.assertFalse(_twisted.plain_tcp(transport))
+        (pair,) = self.service.core.clients
+        self.assertIsNone(pair._dc.pump)  # TLS wraps every byte: nothing spliced
 
     def test_tls_listener(self) -> Deferred[None]:
         """

@@ -11,64 +11,13 @@ in README.md and docs/usage.rst is generated from it
 
 from __future__ import annotations
 
-import enum
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from mtproxy_tw.config import values
+from mtproxy_tw.config.option import Kind, Option
 from mtproxy_tw.wire.secrets import Mode
 
 __all__ = ["OPTIONS", "Kind", "Option", "default", "option"]
-
-
-class Kind(enum.Enum):
-    PARAM = "parameter"
-    FLAG = "flag"
-    LIST = "repeatable"
-
-
-@dataclass(frozen=True)
-class Option:
-    """
-    One option.
-
-    :ivar parse: turns the value as given into its typed form, raising
-        ``ValueError`` with the reason; for a ``LIST`` it takes the list.
-    :ivar toml: the TOML value types the file may give (a repeatable
-        option's items; a string also stands for a one-item list).
-    :ivar shown: how the default reads in the docs, when it is not simply
-        the value (``None`` defaults read as nothing).
-    :ivar live: applied on SIGHUP; every other key needs a restart.
-    """
-
-    name: str
-    help: str
-    kind: Kind = Kind.PARAM
-    default: Any = None
-    parse: Callable[[Any], Any] = values.text
-    toml: tuple[type, ...] = (str,)
-    metavar: str = ""
-    shown: str | None = None
-    section: str = "proxy"
-    live: bool = False
-    short: str | None = None
-
-    @property
-    def key(self) -> str:
-        """
-        The config-file key.
-        """
-        return self.name.replace("-", "_")
-
-    def shown_default(self) -> str:
-        if self.shown is not None:
-            return self.shown
-        if self.kind is not Kind.PARAM or self.default is None:
-            return ""
-        if isinstance(self.default, float) and self.default.is_integer():
-            return str(int(self.default))
-        return str(self.default)
 
 
 _NUMBER = (int, float)
@@ -152,6 +101,28 @@ OPTIONS: tuple[Option, ...] = (
         kind=Kind.FLAG,
         toml=(bool,),
     ),
+    Option(
+        "no-splice",
+        "Copy downloads through the process instead of splicing them socket to socket "
+        "(direct mode, fast mode, classic and dd clients on plain TCP listeners, Linux).",
+        kind=Kind.FLAG,
+        toml=(bool,),
+    ),
+    Option(
+        "upstream-proxy",
+        "socks5://[USER:PASS@]HOST:PORT every connection toward Telegram goes through "
+        "(DCs, middle proxies, the IP look-up); several are used in turn, a failed one "
+        "skipped with backoff. The mask host is always reached directly.",
+        kind=Kind.LIST,
+        parse=values.upstream_proxies,
+        metavar="URL",
+    ),
+    Option(
+        "upstream-proxy-for-config",
+        "Download Telegram's middle-proxy config and secret through --upstream-proxy too.",
+        kind=Kind.FLAG,
+        toml=(bool,),
+    ),
     # -- limits and timeouts
     Option(
         "handshake-timeout",
@@ -183,11 +154,12 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "max-connections",
         "Most client connections at once; when full, the oldest connection still in "
-        "its handshake makes room.",
-        default=10000,
-        parse=values.whole(1),
-        toml=_WHOLE,
+        "its handshake makes room. auto: as many as the open-file limit holds (two "
+        "descriptors per direct client, one per middle-proxy client, some reserved).",
+        parse=values.auto_or(values.whole(1)),
+        toml=(int, str),
         metavar="N",
+        shown="from the open-file limit",
         section="limits",
     ),
     Option(
@@ -314,7 +286,7 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "upstream",
-        "middle or direct: how clients reach Telegram.",
+        "middle, direct, or mtproxy://HOST:PORT?secret=SECRET: how clients reach Telegram.",
         parse=values.upstream,
         metavar="KIND",
         shown="middle with --ad-tag, else direct",

@@ -16,11 +16,14 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from mtproxy_tw.links import split_public_host
+from mtproxy_tw.wire.chain import BackProxy, parse_back_proxy
 from mtproxy_tw.wire.dcs import Address, parse_address, parse_dc_override
 from mtproxy_tw.wire.secrets import Mode, Secret, SecretError, parse_secret
+from mtproxy_tw.wire.socks5 import UpstreamProxy, parse_url
 
 __all__ = [
     "ad_tag",
+    "auto_or",
     "dc_overrides",
     "domains",
     "host_port",
@@ -36,6 +39,7 @@ __all__ = [
     "size_at_least",
     "text",
     "upstream",
+    "upstream_proxies",
     "url",
     "whole",
 ]
@@ -91,6 +95,22 @@ def whole(low: int = 1, high: int | None = None) -> Callable[[Any], int]:
         return result
 
     return check
+
+
+def auto_or(check: Callable[[Any], int]) -> Callable[[Any], int | None]:
+    """
+    ``auto`` (``None``: the proxy works it out), or what ``check`` accepts.
+    """
+
+    def parse(value: Any) -> int | None:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return None
+        try:
+            return check(value)
+        except ValueError as e:
+            raise ValueError(f"{e} (or auto)") from None
+
+    return parse
 
 
 def size(value: Any) -> int:
@@ -158,10 +178,15 @@ def ad_tag(value: Any) -> bytes:
     return bytes.fromhex(tag)
 
 
-def upstream(value: Any) -> str:
-    if value not in ("middle", "direct"):
-        raise ValueError("use middle or direct")
-    return str(value)
+def upstream(value: Any) -> str | BackProxy:
+    """
+    ``middle``, ``direct``, or ``mtproxy://HOST:PORT?secret=SECRET`` (a back proxy).
+    """
+    if value in ("middle", "direct"):
+        return str(value)
+    if not isinstance(value, str) or not value.startswith("mtproxy:"):
+        raise ValueError("use middle, direct or mtproxy://HOST:PORT?secret=SECRET")
+    return parse_back_proxy(value)
 
 
 def port(value: Any) -> int:
@@ -207,6 +232,19 @@ def domains(items: Sequence[Any]) -> list[str]:
 
 def listen(items: Sequence[Any]) -> list[str]:
     return [str(item) for item in items]
+
+
+def upstream_proxies(items: Sequence[Any]) -> tuple[UpstreamProxy, ...]:
+    """
+    ``socks5://[USER:PASS@]HOST:PORT`` URLs; a refusal never repeats the credentials.
+    """
+    result = []
+    for item in items:
+        try:
+            result.append(parse_url(str(item).strip()))
+        except ValueError as e:
+            raise ValueError(f"not a SOCKS5 proxy URL: {e}") from None
+    return tuple(result)
 
 
 def nat_ips(items: Sequence[Any]) -> list[IPAddress]:

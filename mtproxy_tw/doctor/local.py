@@ -18,7 +18,12 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Factory, Protocol
 
 from mtproxy_tw.doctor.result import Result, Status
-from mtproxy_tw.services.descriptors import MIDDLE_POOL_DCS, descriptors_needed, limit_advice
+from mtproxy_tw.services.descriptors import (
+    MIDDLE_POOL_DCS,
+    connections_allowed,
+    descriptors_needed,
+    limit_advice,
+)
 
 __all__ = ["check_listen", "check_open_files", "check_state_dir"]
 
@@ -73,27 +78,35 @@ def check_state_dir(path: Path) -> Result:
 
 def check_open_files(
     limits: Callable[[], tuple[int, int]],
-    max_connections: int,
+    max_connections: int | None,
     *,
     middle: bool,
     pool_max: int,
     listeners: int,
 ) -> Result:
     """
-    The open-file limit against what ``--max-connections`` needs.
+    The open-file limit against what ``--max-connections`` needs; with
+    ``auto`` (``None``), the figure the limit makes it.
 
     The proxy raises its soft limit to the hard one at start, so the hard
     limit is what counts.
     """
     name = "open files"
-    need = descriptors_needed(
-        max_connections,
-        middle=middle,
-        pool_connections=MIDDLE_POOL_DCS * pool_max if middle else 0,
-        listeners=listeners,
-    )
+    pools = MIDDLE_POOL_DCS * pool_max if middle else 0
     soft, hard = limits()
     shown = "unlimited" if hard == resource.RLIM_INFINITY else str(hard)
+    if max_connections is None:
+        allowed, why = connections_allowed(
+            hard, middle=middle, pool_connections=pools, listeners=listeners
+        )
+        return Result(
+            Status.OK,
+            name,
+            f"soft limit {soft}, hard {shown}: --max-connections {allowed} ({why})",
+        )
+    need = descriptors_needed(
+        max_connections, middle=middle, pool_connections=pools, listeners=listeners
+    )
     wants = f"--max-connections {max_connections} needs {need}"
     if hard == resource.RLIM_INFINITY or hard >= need:
         return Result(

@@ -169,7 +169,7 @@ class ProfileService(Service):
         # A mask host that wants PROXY protocol gets the "unknown source" form.
         preamble = b"PROXY UNKNOWN\r\n" if self.core.settings.mask_proxy_protocol else b""
         attempts = [
-            self.prober.probe(self.core.endpoint(target), domain, preamble, mlkem)
+            self.prober.probe(self.core.local_endpoint(target), domain, preamble, mlkem)
             for mlkem in (False, True)
             for _ in range(self.probes)
         ]

@@ -163,7 +163,7 @@ class FrontRelay:
             self._connecting.cancel()
         leg, self._leg = self._leg, None
         if leg is not None and not leg.lost:
-            close_peer(leg.transport)
+            close_peer(leg.transport, self.client.core.reactor)
         self._pending = []
 
     # -- LegOwner: the site's side

@@ -31,6 +31,7 @@ from zope.interface import implementer
 from mtproxy_tw import _twisted
 from mtproxy_tw.middle.address import ANY_V4, IPAddress, ip_port
 from mtproxy_tw.middle.states import NEXT, State
+from mtproxy_tw.proxy.socks import tunnel_addresses
 from mtproxy_tw.wire import rpc
 from mtproxy_tw.wire.proxyconfig import Endpoint
 
@@ -44,11 +45,13 @@ _u32 = struct.Struct("<I")
 _u64 = struct.Struct("<Q")
 _PROXY_ANS_TYPE = _u32.pack(rpc.RPC_PROXY_ANS)
 
+#: A frame's payload: perhaps a view of the read it came in, valid during the call.
+_Frame: TypeAlias = "bytes | memoryview"
 #: Frames of one read, and the sessions they touched (flushed after the read).
-_Handler: TypeAlias = "Callable[[bytes, dict[ClientSession, None]], None]"
+_Handler: TypeAlias = "Callable[[_Frame, dict[ClientSession, None]], None]"
 
 
-def _ignore(payload: bytes, touched: dict[ClientSession, None]) -> None:
+def _ignore(payload: _Frame, touched: dict[ClientSession, None]) -> None:
     pass
 
 
@@ -85,6 +88,9 @@ class MEConnection(Protocol):
         self._encoder = rpc.FrameEncoder()
         self._decoder = rpc.FrameDecoder()
         self._timer: IDelayedCall | None = None
+        #: Payloads for one write, and the call that writes them.
+        self._queued: list[rpc.Pieces] = []
+        self._flush_call: IDelayedCall | None = None
         self._sender_pid: rpc.ProcessId | None = None
         self._crypto_ts = 0
         self._nonce = b""
@@ -134,11 +140,14 @@ class MEConnection(Protocol):
         self._timer = reactor.callLater(
             self.upstream.settings.handshake_timeout, self._handshake_timed_out
         )
-        local, self._server_addr = ip_port(transport.getHost()), ip_port(transport.getPeer())
+        # Through an upstream SOCKS5 server, the addresses the middle proxy sees.
+        tunnel = tunnel_addresses(transport)
+        host, peer = tunnel or (transport.getHost(), transport.getPeer())
+        local, self._server_addr = ip_port(host), ip_port(peer)
         self._client_addr = local
-        self.upstream.external.for_connection(local[0], self._server_addr[0]).addCallback(
-            self._send_nonce
-        ).addErrback(self._nonce_failed)
+        self.upstream.external.for_connection(
+            local[0], self._server_addr[0], tunnelled=tunnel is not None
+        ).addCallback(self._send_nonce).addErrback(self._nonce_failed)
 
     def _nonce_failed(self, failure: Failure) -> None:
         self.log.failure("cannot start the handshake with a middle proxy", failure)
@@ -157,10 +166,10 @@ class MEConnection(Protocol):
             self._encoder.encode(rpc.build_nonce(self.secret, self._crypto_ts, self._nonce))
         )
 
-    def _got_nonce(self, payload: bytes, touched: dict[ClientSession, None]) -> None:
+    def _got_nonce(self, payload: _Frame, touched: dict[ClientSession, None]) -> None:
         now = int(self.upstream.reactor.seconds())
         try:
-            theirs = rpc.parse_nonce(payload, self.secret, now=now)
+            theirs = rpc.parse_nonce(bytes(payload), self.secret, now=now)
         except rpc.RPCError as e:
             skew = "skew" in str(e)
             self._reject(f"bad RPC_NONCE: {e}", "clock" if skew else "secret", not skew)
@@ -191,9 +200,9 @@ class MEConnection(Protocol):
         self._to(State.HANDSHAKE, self._got_handshake)
         self._write(self._encoder.encode(rpc.build_handshake(self._sender_pid, peer_pid)))
 
-    def _got_handshake(self, payload: bytes, touched: dict[ClientSession, None]) -> None:
+    def _got_handshake(self, payload: _Frame, touched: dict[ClientSession, None]) -> None:
         try:
-            rpc.parse_handshake(payload, expected_peer_pid=self._sender_pid)
+            rpc.parse_handshake(bytes(payload), expected_peer_pid=self._sender_pid)
         except rpc.HandshakeRejected as e:
             cause = "ip" if e.code in (-4, -6) else "protocol"
             self._reject(
@@ -244,7 +253,7 @@ class MEConnection(Protocol):
         touched: dict[ClientSession, None] = {}
         try:
             decoder.feed(data)
-            for payload in decoder.frames():
+            for payload in decoder.views():
                 self._on_frame(payload, touched)
                 if self.dead:
                     break
@@ -264,7 +273,7 @@ class MEConnection(Protocol):
             for session in touched:
                 session.flush()
 
-    def _message(self, payload: bytes, touched: dict[ClientSession, None]) -> None:
+    def _message(self, payload: _Frame, touched: dict[ClientSession, None]) -> None:
         if payload[:4] == _PROXY_ANS_TYPE and len(payload) >= 16:
             (conn_id,) = _u64.unpack_from(payload, 8)
             session = self.sessions.get(conn_id)
@@ -274,7 +283,7 @@ class MEConnection(Protocol):
             session.answer(payload)
             touched[session] = None
             return
-        msg = rpc.parse_message(payload)
+        msg = rpc.parse_message(bytes(payload))
         if isinstance(msg, rpc.SimpleAck):
             session = self.sessions.get(msg.conn_id)
             if session is None:
@@ -311,11 +320,25 @@ class MEConnection(Protocol):
             del recent[next(iter(recent))]
 
     def send(self, payloads: list[bytes]) -> None:
+        self.send_pieces([(payload,) for payload in payloads])
+
+    def send_pieces(self, payloads: list[rpc.Pieces]) -> None:
         """
-        Frame, encrypt and write payloads in one write (ready state only).
+        Queue payloads (ready state only): all queued from the events of one
+        reactor wake-up, by every client here, go out in one write after them.
         """
         if self.state is State.READY:
-            self._write(self._encoder.encode(*payloads))
+            self._queued += payloads
+            if self._flush_call is None:
+                self._flush_call = self.upstream.reactor.callLater(0, self.flush)
+
+    def flush(self) -> None:
+        call, self._flush_call = self._flush_call, None
+        if call is not None and call.active():
+            call.cancel()
+        queued, self._queued = self._queued, []
+        if queued and self.state is State.READY:
+            self._write(self._encoder.encode_pieces(queued))
 
     def _write(self, data: bytes) -> None:
         _twisted.write(self.transport, data)
@@ -339,6 +362,9 @@ class MEConnection(Protocol):
             self._remember_closed(session.conn_id)
             if tell_me:
                 self.send([rpc.build_close_conn(session.conn_id)])
+        if not self.sessions:
+            # The pool may close an emptied connection at once.
+            self.flush()
         self.pool.session_left(self)
 
     # -- keepalive
@@ -389,6 +415,7 @@ class MEConnection(Protocol):
         was = self.closed_in
         self.pool.connections.discard(self)
         self._cancel_timer()
+        self.flush()  # only cancels: nothing is written once closed
         sessions, self.sessions = self.sessions, {}
         for session in sessions.values():
             session.lost()

@@ -10,6 +10,7 @@ buffer fills, the clients writing to it are paused until it drains.
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 from typing import TYPE_CHECKING
@@ -18,7 +19,7 @@ from typing import Protocol as TypingProtocol
 from twisted.internet.interfaces import IAddress, IDelayedCall
 from twisted.logger import Logger
 
-from mtproxy_tw.middle.address import ip_port
+from mtproxy_tw.middle.address import IPAddress, ip_port
 from mtproxy_tw.middle.direct import DirectLeg
 from mtproxy_tw.wire import rpc
 from mtproxy_tw.wire.obfuscated2 import TAG_ABRIDGED, TAG_INTERMEDIATE, TAG_PADDED
@@ -40,6 +41,59 @@ _ABRIDGED_SHORT = [bytes([words]) for words in range(0x7F)]
 
 def _abridged_long(words: int) -> bytes:
     return b"\x7f" + words.to_bytes(3, "little")
+
+
+class _Host:
+    """
+    A TCP address of which only the host counts (:func:`ip_port` reads both).
+    """
+
+    port = 1
+
+    def __init__(self, host: str) -> None:
+        self.host = host
+
+
+@functools.lru_cache(maxsize=4096)
+def _parsed(host: str) -> IPAddress | None:
+    ip, port = ip_port(_Host(host))  # type: ignore[arg-type]
+    return ip if port else None
+
+
+def _ip_port(addr: IAddress) -> tuple[IPAddress, int]:
+    """
+    :func:`ip_port`, parsing each host once: the proxy's own address is the
+    same for all its clients, and many clients come back from one address.
+    """
+    host, port = getattr(addr, "host", None), getattr(addr, "port", None)
+    if isinstance(host, str) and isinstance(port, int):
+        ip = _parsed(host)
+        if ip is not None:
+            return ip, port
+    return ip_port(addr)
+
+
+class _Noise:
+    """
+    Random bytes drawn from the system in blocks and handed out in slices,
+    each byte once: one ``getrandom`` per many answers rather than per answer.
+    """
+
+    def __init__(self, block: int = 1 << 16) -> None:
+        self._block = block
+        self._pool = b""
+        self._pos = 0
+
+    def take(self, count: int) -> bytes:
+        pos = self._pos
+        if pos + count > len(self._pool):
+            self._pool, pos = os.urandom(self._block), 0
+        self._pos = pos + count
+        return self._pool[pos : pos + count]
+
+
+#: The padding bytes of padded-intermediate answers, for every session.
+_noise = _Noise()
 
 
 class _Addresses(TypingProtocol):
@@ -93,8 +147,8 @@ class ClientSession:
         self._flags = 0
         self._out: list[bytes | memoryview] = []
         transport = client.transport
-        self.client_addr = ip_port(transport.getPeer())
-        host_ip, host_port = ip_port(transport.getHost())
+        self.client_addr = _ip_port(transport.getPeer())
+        host_ip, host_port = _ip_port(transport.getHost())
         public = upstream.external.public(host_ip.version)
         self.proxy_addr = (
             public if public is not None and not host_ip.is_loopback else host_ip,
@@ -128,7 +182,7 @@ class ClientSession:
             return
         head, rest = _PROXY_REQ_TYPE, self._rest
         base = self._flags
-        payloads = []
+        payloads: list[rpc.Pieces] = []
         for packet in packets:
             payload = packet.payload
             if len(payload) & 3:
@@ -139,8 +193,9 @@ class ClientSession:
                 flags |= rpc.FLAG_NOT_ENCRYPTED
             if packet.quick_ack:
                 flags |= rpc.FLAG_QUICKACK
-            payloads.append(b"".join((head, _u32.pack(flags), rest, payload)))
-        conn.send(payloads)
+            # The payload is copied once, into its frame.
+            payloads.append((b"".join((head, _u32.pack(flags), rest)), payload))
+        conn.send_pieces(payloads)
 
     def close(self) -> None:
         """
@@ -211,7 +266,7 @@ class ClientSession:
 
     # -- what the connection calls
 
-    def answer(self, message: bytes) -> None:
+    def answer(self, message: bytes | memoryview) -> None:
         """
         Queue the data of an RPC_PROXY_ANS (``message`` whole) for the client,
         framed in its transport; :meth:`flush` sends.
@@ -225,7 +280,7 @@ class ClientSession:
         tag = self.tag
         if tag == TAG_PADDED:
             # Two random bits for the padding length, up to three bytes of it.
-            noise = os.urandom(4)
+            noise = _noise.take(4)
             pad = noise[0] & 3
             out += (_u32.pack(size + pad), body, noise[1 : 1 + pad])
         elif tag == TAG_INTERMEDIATE:

@@ -27,6 +27,7 @@ from zope.interface import implementer
 from mtproxy_tw import _twisted
 from mtproxy_tw.fronting.relay import FrontRelay
 from mtproxy_tw.proxy.admission import Admission
+from mtproxy_tw.proxy.chain import ChainRelay, direct_leg
 from mtproxy_tw.proxy.core import ProxyCore
 from mtproxy_tw.proxy.dcrelay import DCRelay
 from mtproxy_tw.proxy.handshake import Accept, Decision, Front, Handshake, NeedMore
@@ -70,7 +71,7 @@ class ClientProtocol(Protocol):
         self._handler: Callable[[bytes], None] = _discard
         self._timer: IDelayedCall | None = None
         #: The DC leg, once up, or the front leg.
-        self._dc: DCRelay | None = None
+        self._dc: DCRelay | ChainRelay | None = None
         self._front: FrontRelay | None = None
         self._shadow_target: Any = None
         self._middle: MiddleLeg | None = None
@@ -290,15 +291,17 @@ class ClientProtocol(Protocol):
         address, known = self.settings.dcs.lookup(init.dc)
         if not known:
             self.log.debug("unknown DC id {dc}, using the default DC", dc=init.dc)
-        dc = self._dc = DCRelay(
+        dc = self._dc = direct_leg(
             self,
             core.endpoint(address),
             init,
+            back=self.settings.upstream,
             fast=self.settings.fast_mode,
             from_client=init.decryptor,
             to_client=init.encryptor,
             writer=self._writer,
             clock=core.reactor,
+            splice=self.settings.splice,
         )
         self._to(State.CONNECTING, dc.queue)
         if accepted.rest:
@@ -379,7 +382,7 @@ class ClientProtocol(Protocol):
         if sent:
             first.append(sent)
             self.bytes_in += len(sent)
-        return FrontRelay(self, self.core.endpoint(target), first, shadow=shadow)
+        return FrontRelay(self, self.core.local_endpoint(target), first, shadow=shadow)
 
     # -- what the front leg calls
 

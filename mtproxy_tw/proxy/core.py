@@ -4,14 +4,13 @@ The state one running proxy shares between its connections.
 
 from __future__ import annotations
 
-import ipaddress
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 
 from mtproxy_tw.fronting.profile import TLSProfile
+from mtproxy_tw.proxy.socks import Upstreams, plain_endpoint
 from mtproxy_tw.proxy.stats import Stats
 from mtproxy_tw.settings import Settings
 from mtproxy_tw.wire.dcs import Address
@@ -55,6 +54,7 @@ class ProxyCore:
         self.tls_profiles: dict[str, TLSProfile] = {}
         #: Set when the mask host turned out to be this proxy itself.
         self.mask_disabled = False
+        self._upstreams: Upstreams | None = None
 
     def admit(self, client: ClientProtocol) -> bool:
         """
@@ -70,7 +70,7 @@ class ProxyCore:
             self.stats.rejected["draining"] += 1
             return False
         full = None
-        if len(self.clients) >= settings.max_connections:
+        if len(self.clients) >= settings.connection_cap:
             full = "max-connections"
         elif len(self.handshaking) >= settings.handshake_cap:
             full = "max-handshakes"
@@ -115,13 +115,32 @@ class ProxyCore:
 
     def endpoint(self, address: Address) -> IStreamClientEndpoint:
         """
-        An endpoint toward ``address``; IP literals skip name resolution.
+        An endpoint toward Telegram at ``address``: through the upstream
+        SOCKS5 servers when there are any (``--upstream-proxy``).
         """
-        timeout = self.settings.connect_timeout
-        try:
-            ip = ipaddress.ip_address(address.host)
-        except ValueError:
-            return HostnameEndpoint(self.reactor, address.host, address.port, timeout)
-        if ip.version == 6:
-            return TCP6ClientEndpoint(self.reactor, address.host, address.port, timeout)
-        return TCP4ClientEndpoint(self.reactor, address.host, address.port, timeout)
+        upstreams = self.upstreams
+        if upstreams is not None:
+            return upstreams.endpoint(address.host, address.port)
+        return self.local_endpoint(address)
+
+    def local_endpoint(self, address: Address) -> IStreamClientEndpoint:
+        """
+        A direct endpoint toward ``address`` (the mask host: fronting never
+        goes through an upstream); IP literals skip name resolution.
+        """
+        return plain_endpoint(
+            self.reactor, address.host, address.port, self.settings.connect_timeout
+        )
+
+    @property
+    def upstreams(self) -> Upstreams | None:
+        """
+        The upstream SOCKS5 servers in use, kept (with their backoff) while
+        the settings name the same ones.
+        """
+        proxies = self.settings.upstream_proxies
+        if not proxies:
+            return None
+        if self._upstreams is None or self._upstreams.proxies != proxies:
+            self._upstreams = Upstreams(self.reactor, proxies, self.settings.connect_timeout)
+        return self._upstreams

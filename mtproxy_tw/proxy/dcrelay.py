@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 
 from mtproxy_tw import _twisted
 from mtproxy_tw.proxy.legs import Leg, close_peer
+from mtproxy_tw.proxy.splice import Pump, start_pump
 from mtproxy_tw.wire import obfuscated2
 from mtproxy_tw.wire.faketls import RecordWriter
 from mtproxy_tw.wire.obfuscated2 import AcceptedInit
@@ -48,7 +49,9 @@ class DCRelay:
 
     In fast mode the DC was handed the proxy's key toward the client, so
     what it sends is passed on as it is (wrapped in TLS records for a
-    fake-TLS client); otherwise it is decrypted and encrypted again.
+    fake-TLS client); otherwise it is decrypted and encrypted again. A
+    copy between two plain TCP connections is spliced (:mod:`.splice`)
+    unless ``splice`` is off.
     """
 
     def __init__(
@@ -62,6 +65,7 @@ class DCRelay:
         to_client: CipherContext | None,
         writer: RecordWriter | None,
         clock: Any,
+        splice: bool = False,
     ) -> None:
         self.client = client
         upstream = obfuscated2.generate_init(
@@ -74,6 +78,9 @@ class DCRelay:
         self._writer = writer
         self._clock = clock
         self._pending = [upstream.wire]
+        self._splice = splice
+        #: The download direction's splice pump, while it has one.
+        self.pump: Pump | None = None
         #: The connection to the DC, once up.
         self.leg: Leg | None = None
         client.transport.pauseProducing()
@@ -98,11 +105,14 @@ class DCRelay:
         _twisted.write(self.leg.transport, self._to_dc.update(self._from_client.update(data)))
 
     def client_lost(self) -> None:
+        pump, self.pump = self.pump, None
+        if pump is not None:
+            pump.stop()
         if self._connecting is not None:
             self._connecting.cancel()
         leg, self.leg = self.leg, None
         if leg is not None and not leg.lost:
-            close_peer(leg.transport)
+            close_peer(leg.transport, self._clock)
         self._pending = []
 
     # -- LegOwner: the DC's side
@@ -121,8 +131,19 @@ class DCRelay:
         transport.write(b"".join(self._pending))
         self._pending = []
         transport.registerProducer(client.transport, True)
-        client.transport.registerProducer(transport, True)
+        if self._splice and self._from_dc is None and self._writer is None:
+            self.pump = start_pump(transport, client.transport, self._delivered, self._unspliced)
+        if self.pump is None:
+            client.transport.registerProducer(transport, True)
         client.dc_up()
+
+    def _delivered(self, size: int) -> None:
+        self.client.bytes_out += size
+
+    def _unspliced(self) -> None:
+        self.pump = None
+        if self.leg is not None:
+            self.client.transport.registerProducer(self.leg.transport, True)
 
     def leg_data(self, data: bytes) -> None:
         client = self.client
@@ -133,6 +154,9 @@ class DCRelay:
         if self._writer is not None:
             data = self._writer.wrap(data, self._clock.seconds())
         _twisted.write(client.transport, data)
+        if self.pump is not None:
+            # Bytes read before the pump (a SOCKS reply's rest): first in line.
+            self.pump.wrote()
 
     def leg_read_closed(self) -> None:
         pass  # a DC leg is not half-closeable: its end is a loss
@@ -141,6 +165,8 @@ class DCRelay:
         if leg is not self.leg:
             return
         self.leg = None
+        if self.pump is not None:
+            self.pump.source_lost()
         if not self.client.closed:
             # The client may still send before its close completes; there
             # is nowhere left to send it.

@@ -71,16 +71,25 @@ class HalfCloseableLeg(Leg):
         pass
 
 
-def close_peer(transport: Any) -> None:
+#: Seconds a peer whose client is gone gets to take what is still queued
+#: toward it before it is aborted.
+FLUSH_GRACE = 5.0
+
+
+def close_peer(transport: Any, clock: Any = None, grace: float = FLUSH_GRACE) -> None:
     """
     Close the other side of a pair whose client is gone.
 
-    Bytes still queued toward it can never be answered to anyone, and a peer
-    that stopped reading would keep the socket open forever, so a full write
-    buffer is dropped (aborted) rather than flushed.
+    What is still queued toward it (a client's last request) is flushed,
+    but a peer that stopped reading would keep the socket open forever, so
+    a write buffer not drained within ``grace`` seconds is dropped: the
+    connection is aborted. Without a ``clock`` it is aborted at once.
     """
     transport.unregisterProducer()
-    if _twisted.buffered(transport):
+    if not _twisted.buffered(transport):
+        transport.loseConnection()
+    elif clock is None:
         transport.abortConnection()
     else:
         transport.loseConnection()
+        clock.callLater(grace, transport.abortConnection)

@@ -204,7 +204,7 @@ class ProxyCollector:
                 "mtproxy_max_connections",
                 "The --max-connections limit.",
                 (),
-                {(): settings.max_connections},
+                {(): settings.connection_cap},
             ),
             _counter(
                 "mtproxy_client_bytes",

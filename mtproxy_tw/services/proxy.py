@@ -4,7 +4,7 @@ The proxy as a Twisted service: listeners, shared state, orderly shutdown.
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import errno
 import ipaddress
 import resource
@@ -28,10 +28,13 @@ from mtproxy_tw.proxy.client import ClientProtocol
 from mtproxy_tw.proxy.core import ProxyCore
 from mtproxy_tw.services.descriptors import (
     AcceptFailures,
+    connections_allowed,
     current_open_file_limit,
     descriptors_needed,
     limit_advice,
+    raise_open_file_limit,
 )
+from mtproxy_tw.services.memory import TrimPolicy, TrimService, load_of
 from mtproxy_tw.services.replaystore import REPLAY_FILE, ReplayStore
 from mtproxy_tw.settings import Settings
 
@@ -146,18 +149,6 @@ class ListenError(SystemExit):
     """
 
 
-def raise_open_file_limit() -> tuple[int, int]:
-    """
-    Raise the soft limit on open files to the hard limit; return both.
-    """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
-        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)
-
-
 class ProxyService(MultiService):
     """
     Listens on every endpoint and relays the clients that authenticate.
@@ -194,6 +185,8 @@ class ProxyService(MultiService):
         self.pool_descriptors = 0
         #: The soft open-file limit found at start.
         self.soft_limit: int | None = None
+        #: What ``--max-connections auto`` came to at start.
+        self.auto_connections: int | None = None
         self.accept_failures = AcceptFailures(
             reactor, need=self.descriptors_needed, limit=self._soft_limit
         )
@@ -217,6 +210,9 @@ class ProxyService(MultiService):
             self.stats_timer = TimerService(settings.stats_interval, self.log_stats)
             self.stats_timer.clock = reactor
             self.stats_timer.setServiceParent(self)
+        #: Hands freed memory back to the system once a burst is over.
+        self.trimmer = TrimService(TrimPolicy(load_of(self.core)), reactor)
+        self.trimmer.setServiceParent(self)
         #: Keeps the replay cache in the state directory across restarts.
         self.replay_store: ReplayStore | None = None
         if settings.state_dir is not None:
@@ -239,24 +235,54 @@ class ProxyService(MultiService):
         Open files ``--max-connections`` clients need at once.
         """
         return descriptors_needed(
-            self.settings.max_connections,
+            self.settings.connection_cap,
             middle=self.core.middle is not None,
             pool_connections=self.pool_descriptors,
             listeners=len(self.listeners),
         )
 
+    def _resolved(self, settings: Settings) -> Settings:
+        """
+        ``settings`` with ``--max-connections auto`` worked out at start.
+        """
+        if settings.max_connections is None and self.auto_connections is not None:
+            return dataclasses.replace(settings, max_connections=self.auto_connections)
+        return settings
+
     def _check_open_file_limit(self) -> None:
         """
-        Raise the open-file limit; warn when it stays below the need.
+        Raise the open-file limit; work ``--max-connections auto`` out from
+        it, or warn when it stays below what the configured number needs.
         """
         soft, hard = self.open_file_limit()
         self.soft_limit = soft
+        if self.settings.max_connections is None:
+            allowed, why = connections_allowed(
+                soft,
+                middle=self.core.middle is not None,
+                pool_connections=self.pool_descriptors,
+                listeners=len(self.listeners),
+            )
+            self.auto_connections = allowed
+            self.core.settings = self._resolved(self.settings)
+            self.log.info(
+                "--max-connections {max_connections} ({why})", max_connections=allowed, why=why
+            )
+            if soft != resource.RLIM_INFINITY and soft < self.descriptors_needed():
+                self.log.warn(
+                    "open file limit {soft} (hard {hard}) leaves no room for clients beyond "
+                    "the reserved descriptors; {advice}",
+                    soft=soft,
+                    hard=hard,
+                    advice=limit_advice(2 * self.descriptors_needed()),
+                )
+            return
         need = self.descriptors_needed()
         if soft == resource.RLIM_INFINITY or soft >= need:
             self.log.info("open file limit: {soft} (hard {hard})", soft=soft, hard=hard)
             return
         per_client = 1 if self.core.middle is not None else 2
-        fits = max(0, (soft - (need - per_client * self.settings.max_connections)) // per_client)
+        fits = max(0, (soft - (need - per_client * self.settings.connection_cap)) // per_client)
         self.log.warn(
             "open file limit {soft} (hard {hard}) is below the {need} descriptors "
             "--max-connections {max_connections} needs ({per_client} per client and "
@@ -267,7 +293,7 @@ class ProxyService(MultiService):
             need=need,
             max_connections=self.settings.max_connections,
             per_client=per_client,
-            spare=need - per_client * self.settings.max_connections,
+            spare=need - per_client * self.settings.connection_cap,
             fits=fits,
             advice=limit_advice(need),
         )
@@ -297,7 +323,7 @@ class ProxyService(MultiService):
         """
         core = self.core
         domains = core.settings.tls_domains
-        core.settings = settings
+        core.settings = settings = self._resolved(settings)
         self.factory.core = core
         revoked = set(revoked)
         for client in list(core.clients):

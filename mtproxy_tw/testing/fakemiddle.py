@@ -154,7 +154,7 @@ class FakeMEProtocol(Protocol):
             nonce_srv=own,
             nonce_clt=theirs.nonce,
             client_ts=theirs.crypto_ts,
-            client_addr=(client_ip, peer.port),
+            client_addr=(client_ip, factory.client_port or peer.port),
             server_addr=(host.host, host.port),
             server_side=True,
         )
@@ -290,6 +290,9 @@ class FakeMiddleProxy(Factory):
         self.quick_acks = quick_acks
         self.clock_offset = clock_offset
         self.client_ip = client_ip
+        #: The port it believes the proxy connects from, where it is not the
+        #: peer's (a SOCKS5 server that reports no bound port of its own).
+        self.client_port: int | None = None
         self.reject_handshake = reject_handshake
         self.connections: list[FakeMEProtocol] = []
         self.ready_count = 0

@@ -51,6 +51,7 @@ from mtproxy_tw.wire.rpc.base import (
 from mtproxy_tw.wire.rpc.frames import (
     FrameDecoder,
     FrameEncoder,
+    Pieces,
 )
 from mtproxy_tw.wire.rpc.handshake import (
     Handshake,
@@ -129,6 +130,7 @@ __all__ = [
     "KeyIV",
     "Message",
     "Nonce",
+    "Pieces",
     "Ping",
     "Pong",
     "ProcessId",
