@@ -25,6 +25,13 @@ class Admission:
 
     log = Logger()
 
+    __slots__ = (
+        "address",
+        "conn",
+        "core",
+        "refused",
+    )
+
     def __init__(self, core: Any, conn: object, address: str) -> None:
         self.core = core
         self.conn = conn

@@ -54,6 +54,21 @@ class DCRelay:
     unless ``splice`` is off.
     """
 
+    __slots__ = (
+        "_clock",
+        "_connecting",
+        "_from_client",
+        "_from_dc",
+        "_pending",
+        "_splice",
+        "_to_client",
+        "_to_dc",
+        "_writer",
+        "client",
+        "leg",
+        "pump",
+    )
+
     def __init__(
         self,
         client: DCClient,

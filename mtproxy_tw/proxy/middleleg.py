@@ -41,6 +41,15 @@ class MiddleLeg:
     One client's session, and the ciphers either side of it.
     """
 
+    __slots__ = (
+        "_clock",
+        "_from_client",
+        "_to_client",
+        "_writer",
+        "client",
+        "session",
+    )
+
     def __init__(
         self,
         client: MiddleClient,

@@ -107,6 +107,23 @@ class Pump:
     :ivar waits: how many times the sink was full and the source held back.
     """
 
+    __slots__ = (
+        "_broken",
+        "_delivered",
+        "_from",
+        "_held",
+        "_pipe",
+        "_queued",
+        "_refused",
+        "_sink",
+        "_sink_write",
+        "_source",
+        "_source_gone",
+        "_to",
+        "moved",
+        "waits",
+    )
+
     def __init__(
         self,
         source: Any,
