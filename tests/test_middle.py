@@ -1423,3 +1423,26 @@ class FlapTests(MemoryHarness):
         self.assertEqual(self.middle.pool(5).endpoints(), (("2001:db8::5", 80),))
         self.assertEqual(self.middle.pool(2).endpoints(), (("149.154.162.1", 80),))
         self.assertEqual(self.middle.pool(9).endpoints(), (("149.154.162.1", 80),))
+
+
+class PerUserAdTagTests(LoopbackHarness):
+    """
+    A user's own ``ad_tag`` goes in its requests; everyone else's carry the
+    proxy's.
+    """
+
+    async def _per_user(self) -> None:
+        from mtproxy_tw.config.users import Limits, UserSpec
+        from mtproxy_tw.proxy.users import Registry
+
+        own = bytes.fromhex("fedcba9876543210fedcba9876543210")
+        await self.start()
+        self.service.core.users = Registry((UserSpec("bob", (SECURE,), ad_tag=own),), Limits())
+        client = await self.client(SECURE, TAG_PADDED)
+        self.assertEqual(await self.within(client.request(b"\x01" * 64)), b"\x01" * 64)
+        other = await self.client(CLASSIC, TAG_INTERMEDIATE)
+        self.assertEqual(await self.within(other.request(b"\x02" * 64)), b"\x02" * 64)
+        self.assertEqual(self.fake.ad_tags, [own, AD_TAG])
+
+    def test_user_ad_tag(self) -> Deferred[None]:
+        return self.run_async(self._per_user())

@@ -235,7 +235,8 @@ class ClientSession:
             proxy_addr=self.proxy_addr,
             data=b"",
             tag=self.tag,
-            ad_tag=self.upstream.settings.ad_tag,
+            # The client's user's own tag when it has one, else the proxy's.
+            ad_tag=getattr(self.client, "ad_tag", None) or self.upstream.settings.ad_tag,
         )
         self._flags = _u32.unpack_from(template, 4)[0]
         self._rest = template[8:]

@@ -65,6 +65,14 @@ class Admission:
             users.attach_user(self.conn, user)
         return user or secret.name
 
+    def ad_tag(self, user: str | None) -> bytes | None:
+        """
+        The user's own ad tag for middle-proxy mode, if it has one.
+        """
+        users = self.core.users
+        spec = users.spec(user) if users is not None and user is not None else None
+        return spec.ad_tag if spec is not None else None
+
     def refusal(self, reason: str, secret_name: str | None) -> None:
         """
         Record a refused handshake: a limit, or a valid key in a framing its

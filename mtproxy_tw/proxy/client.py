@@ -1,8 +1,6 @@
 """
-The client-facing protocol: a thin wiring of the handshake machine, the
-legs and the ciphers to one client transport.
-
-Its lifecycle is an explicit state machine (:class:`State`); every state
+The client-facing protocol: the handshake machine and the legs, wired to
+one client transport. Its lifecycle is an explicit state machine (:class:`State`); every state
 has one handler for incoming bytes, set only by :meth:`ClientProtocol._to`::
 
     HANDSHAKING ─accept (direct)─▶ CONNECTING ─leg up─▶ RELAYING ─┐
@@ -278,6 +276,7 @@ class ClientProtocol(Protocol):
                 to_client=init.encryptor,
                 writer=self._writer,
                 clock=core.reactor,
+                ad_tag=self._admission.ad_tag(self.user),
             )
             # Relaying before the session exists: attaching may end it at once.
             self._to(State.RELAYING, middle.relay)

@@ -46,6 +46,7 @@ class MiddleLeg:
         "_from_client",
         "_to_client",
         "_writer",
+        "ad_tag",
         "client",
         "session",
     )
@@ -58,8 +59,11 @@ class MiddleLeg:
         to_client: CipherContext,
         writer: RecordWriter | None,
         clock: Any,
+        ad_tag: bytes | None = None,
     ) -> None:
         self.client = client
+        #: The user's own ad tag (``[users.NAME] ad_tag``), if any.
+        self.ad_tag = ad_tag
         self._from_client = from_client
         self._to_client = to_client
         self._writer = writer
