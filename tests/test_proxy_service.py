@@ -5,28 +5,21 @@ the stats line.
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Factory
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from mtproxy_tw.services.proxy import Listener, ProxyService
 from mtproxy_tw.settings import Settings
 from mtproxy_tw.wire.secrets import parse_secret
+from tests.logs import observe
 
 SECRET = parse_secret("alice=dd" + "5a" * 16, "x")
-
-
-def observe(case: SynchronousTestCase) -> list[LogEvent]:
-    events: list[LogEvent] = []
-    observer = cast(ILogObserver, events.append)
-    globalLogPublisher.addObserver(observer)
-    case.addCleanup(globalLogPublisher.removeObserver, observer)
-    return events
 
 
 class Port:

@@ -13,7 +13,7 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import ILogObserver, LogEvent, LogLevel, formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from mtproxy_tw import tap
@@ -24,20 +24,9 @@ from mtproxy_tw.settings import Settings
 from mtproxy_tw.testing import FakeSite
 from mtproxy_tw.wire.obfuscated2 import TAG_INTERMEDIATE, generate_init
 from mtproxy_tw.wire.replay import ReplayCache, decode_snapshot, encode_snapshot
+from tests.logs import at_least_warnings, observe
 from tests.test_fronting import EE, FrontingHarness
 from tests.test_integration import CLASSIC
-
-
-def observe(case: SynchronousTestCase) -> list[LogEvent]:
-    events: list[LogEvent] = []
-    observer = cast(ILogObserver, events.append)
-    globalLogPublisher.addObserver(observer)
-    case.addCleanup(globalLogPublisher.removeObserver, observer)
-    return events
-
-
-def at_least_warnings(events: list[LogEvent]) -> list[str]:
-    return [formatEvent(e) for e in events if e["log_level"] >= LogLevel.warn]
 
 
 def saved(path: Path) -> list[tuple[bytes, float]]:

@@ -9,13 +9,13 @@ import os
 import re
 import socket
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from twisted.application.service import IService, IServiceMaker, MultiService
 from twisted.internet import tcp
 from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import ILogObserver, LogEvent, LogLevel, formatEvent, globalLogPublisher
+from twisted.logger import LogEvent, LogLevel, formatEvent
 from twisted.plugin import getPlugins
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
@@ -24,6 +24,7 @@ from mtproxy_tw import tap
 from mtproxy_tw.services.proxy import ListenError, ProxyService
 from mtproxy_tw.wire.dcs import Address
 from mtproxy_tw.wire.secrets import Mode
+from tests.logs import observe
 
 S = "0123456789abcdeffedcba9876543210"
 
@@ -32,17 +33,6 @@ def parse(*argv: str) -> tap.Options:
     options = tap.Options()
     options.parseOptions(list(argv))
     return options
-
-
-def observe(case: SynchronousTestCase) -> list[LogEvent]:
-    """
-    The log events emitted until the end of ``case``.
-    """
-    events: list[LogEvent] = []
-    observer = cast(ILogObserver, events.append)
-    globalLogPublisher.addObserver(observer)
-    case.addCleanup(globalLogPublisher.removeObserver, observer)
-    return events
 
 
 def warnings(events: list[LogEvent]) -> list[str]:

@@ -9,10 +9,9 @@ import json
 import os
 import stat
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from twisted.internet.task import Clock
-from twisted.logger import ILogObserver, LogEvent, LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from mtproxy_tw.config.users import Limits, UserSpec
@@ -20,21 +19,10 @@ from mtproxy_tw.proxy.users import Registry
 from mtproxy_tw.services.state import StateDir
 from mtproxy_tw.services.usage import SAVE_INTERVAL, USAGE_FILE, UsageService
 from mtproxy_tw.wire.secrets import Mode, Secret
+from tests.logs import at_least_warnings, observe
 
 KEY_A = bytes.fromhex("0123456789abcdef0123456789abcdef")
 KEY_B = bytes.fromhex("00112233445566778899aabbccddeeff")
-
-
-def observe(case: SynchronousTestCase) -> list[LogEvent]:
-    events: list[LogEvent] = []
-    observer = cast(ILogObserver, events.append)
-    globalLogPublisher.addObserver(observer)
-    case.addCleanup(globalLogPublisher.removeObserver, observer)
-    return events
-
-
-def warnings(events: list[LogEvent]) -> list[str]:
-    return [formatEvent(e) for e in events if e["log_level"] >= LogLevel.warn]
 
 
 class FakeConnection:
@@ -143,7 +131,7 @@ class UsageServiceTests(SynchronousTestCase):
         self.service(registry)
         self.assertEqual(registry.used("alice"), 4_500)
         self.assertEqual(registry.remaining("alice"), 5_500)
-        self.assertEqual(warnings(self.events), [])
+        self.assertEqual(at_least_warnings(self.events), [])
 
     def test_quota_reached_before_a_restart_still_refuses(self) -> None:
         service = self.service()
@@ -191,7 +179,7 @@ class UsageServiceTests(SynchronousTestCase):
     def test_missing_file_is_no_usage(self) -> None:
         self.service()
         self.assertEqual(self.registry.usage_snapshot(), {})
-        self.assertEqual(warnings(self.events), [])
+        self.assertEqual(at_least_warnings(self.events), [])
 
     def test_unusable_files(self) -> None:
         for data in (
@@ -211,7 +199,7 @@ class UsageServiceTests(SynchronousTestCase):
             service = UsageService(registry, self.live, self.dir, self.clock)
             service.load()
             self.assertEqual(registry.usage_snapshot(), {}, data[:40])
-            (warning,) = warnings(self.events)
+            (warning,) = at_least_warnings(self.events)
             self.assertEqual(
                 warning, f"{self.path} is not a usage file; the users' usage starts from zero"
             )
@@ -220,7 +208,7 @@ class UsageServiceTests(SynchronousTestCase):
         self.path.mkdir()
         service = UsageService(self.registry, self.live, self.dir, self.clock)
         service.load()
-        (warning,) = warnings(self.events)
+        (warning,) = at_least_warnings(self.events)
         self.assertIn(f"cannot read {self.path}", warning)
 
     def test_failed_save_warns_once(self) -> None:
@@ -232,12 +220,12 @@ class UsageServiceTests(SynchronousTestCase):
         conn.total = 2
         self.clock.advance(1.0)
         service.save()
-        self.assertEqual(len(warnings(self.events)), 1)
-        self.assertIn("cannot save the users' usage", warnings(self.events)[0])
+        self.assertEqual(len(at_least_warnings(self.events)), 1)
+        self.assertIn("cannot save the users' usage", at_least_warnings(self.events)[0])
         self.path.rmdir()
         service.save()
         self.assertEqual(json.loads(self.path.read_text())["bytes"], {"alice": 2})
-        self.assertEqual(len(warnings(self.events)), 1)
+        self.assertEqual(len(at_least_warnings(self.events)), 1)
 
     def test_a_failing_cut_does_not_stop_the_loop(self) -> None:
         class Broken(FakeConnection):
