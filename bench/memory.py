@@ -23,8 +23,6 @@ import argparse
 import contextlib
 import math
 import os
-import subprocess
-import sys
 from typing import Any
 
 from _common import (
@@ -45,10 +43,9 @@ from _common import (
     stop_process,
 )
 from direct import DCFactory
-from middle import BLOB, DOWN, PING, SINK, MiddleClient, _u32
+from middle import BLOB, DOWN, PING, SINK, MiddleClient, _u32, middle_proxy
 from twisted.internet import defer, task
 
-from mtproxy_tw.testing import FakeConfigServer, config_text
 from mtproxy_tw.wire.secrets import Mode
 
 MB = 1 << 20
@@ -96,46 +93,6 @@ class Sampler:
         self.sample()
         if self.loop.running:
             self.loop.stop()
-
-
-async def middle_proxy(
-    reactor: Any, stack: contextlib.ExitStack, extra: list[str]
-) -> FakeConfigServer:
-    """
-    Start the fake ME child and the fake config site; add their options.
-    """
-    here = os.path.dirname(os.path.abspath(__file__))
-    me = subprocess.Popen(
-        [sys.executable, os.path.join(here, "middle.py"), "--fake-me"], stdout=subprocess.PIPE
-    )
-    stack.callback(stop_process, me)
-    assert me.stdout is not None
-    line = me.stdout.readline()
-    if not line:
-        raise RuntimeError("the fake ME did not start")
-    me_port = int(line)
-    site = FakeConfigServer(
-        reactor,
-        config_v4=config_text({2: [("127.0.0.1", me_port)]}, default=2),
-        config_v6=config_text({2: [("::1", me_port)]}, default=2),
-        ip=b"127.0.0.1\n",
-    )
-    site_port = reactor.listenTCP(0, site, interface="127.0.0.1").getHost().port
-    extra += [
-        "--ad-tag",
-        os.urandom(16).hex(),
-        "--nat-ip",
-        "127.0.0.1",
-        "--proxy-config-url",
-        site.url(site_port, "getProxyConfig"),
-        "--proxy-config-v6-url",
-        site.url(site_port, "getProxyConfigV6"),
-        "--proxy-secret-url",
-        site.url(site_port, "getProxySecret"),
-        "--ip-lookup-url",
-        site.url(site_port, "ip"),
-    ]
-    return site
 
 
 async def burst_direct(reactor: Any, port: int, secret: Any, dcs: DCFactory, args: Any) -> None:
@@ -212,7 +169,7 @@ async def run(reactor: Any, args: argparse.Namespace) -> None:
             dc_port = reactor.listenTCP(0, dcs, interface="127.0.0.1").getHost().port
             extra += ["--dc", f"2=127.0.0.1:{dc_port}"]
         else:
-            site = await middle_proxy(reactor, stack, extra)
+            site, _ = await middle_proxy(reactor, stack, extra)
         if secret.kind is Mode.TLS:
             extra += ["--mask-host", f"127.0.0.1:{stack.enter_context(closed_port())}"]
         extra += args.proxy_option

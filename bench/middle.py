@@ -185,6 +185,45 @@ class MiddleClient(BenchClient):
 # -- the benchmark
 
 
+async def middle_proxy(
+    reactor: Any, stack: contextlib.ExitStack, extra: list[str]
+) -> tuple[FakeConfigServer, subprocess.Popen[bytes]]:
+    """
+    Start the fake ME child and the fake config site; add their options.
+    """
+    me = subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), "--fake-me"], stdout=subprocess.PIPE
+    )
+    stack.callback(stop_process, me)
+    assert me.stdout is not None
+    line = me.stdout.readline()
+    if not line:
+        raise RuntimeError("the fake ME did not start")
+    me_port = int(line)
+    site = FakeConfigServer(
+        reactor,
+        config_v4=config_text({2: [("127.0.0.1", me_port)]}, default=2),
+        config_v6=config_text({2: [("::1", me_port)]}, default=2),
+        ip=b"127.0.0.1\n",
+    )
+    site_port = reactor.listenTCP(0, site, interface="127.0.0.1").getHost().port
+    extra += [
+        "--ad-tag",
+        os.urandom(16).hex(),
+        "--nat-ip",
+        "127.0.0.1",
+        "--proxy-config-url",
+        site.url(site_port, "getProxyConfig"),
+        "--proxy-config-v6-url",
+        site.url(site_port, "getProxyConfigV6"),
+        "--proxy-secret-url",
+        site.url(site_port, "getProxySecret"),
+        "--ip-lookup-url",
+        site.url(site_port, "ip"),
+    ]
+    return site, me
+
+
 async def run(reactor: Any, args: argparse.Namespace) -> None:
     secret = make_secret(args.kind)
     part = args.part_kib << 10
@@ -195,36 +234,8 @@ async def run(reactor: Any, args: argparse.Namespace) -> None:
     if not phases <= set(PHASES):
         raise SystemExit(f"--phases: of {','.join(PHASES)}")
     with contextlib.ExitStack() as stack:
-        me = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "--fake-me"], stdout=subprocess.PIPE
-        )
-        stack.callback(stop_process, me)
-        assert me.stdout is not None
-        line = me.stdout.readline()
-        if not line:
-            raise RuntimeError("the fake ME did not start")
-        me_port = int(line)
-        site = FakeConfigServer(
-            reactor,
-            config_v4=config_text({2: [("127.0.0.1", me_port)]}, default=2),
-            config_v6=config_text({2: [("::1", me_port)]}, default=2),
-            ip=b"127.0.0.1\n",
-        )
-        site_port = reactor.listenTCP(0, site, interface="127.0.0.1").getHost().port
-        extra = [
-            "--ad-tag",
-            os.urandom(16).hex(),
-            "--nat-ip",
-            "127.0.0.1",
-            "--proxy-config-url",
-            site.url(site_port, "getProxyConfig"),
-            "--proxy-config-v6-url",
-            site.url(site_port, "getProxyConfigV6"),
-            "--proxy-secret-url",
-            site.url(site_port, "getProxySecret"),
-            "--ip-lookup-url",
-            site.url(site_port, "ip"),
-        ]
+        extra: list[str] = []
+        site, me = await middle_proxy(reactor, stack, extra)
         if secret.kind is Mode.TLS:
             extra += ["--mask-host", f"127.0.0.1:{stack.enter_context(closed_port())}"]
         state = stack.enter_context(state_dir(args.state_dir))
