@@ -17,6 +17,7 @@ from twisted.logger import Logger
 
 from mtproxy_tw.config import tomlfile
 from mtproxy_tw.config.schema import OPTIONS
+from mtproxy_tw.config.users import Limits, user_secrets
 from mtproxy_tw.services.proxy import ProxyService
 from mtproxy_tw.wire.secrets import Secret, SecretError, parse_secrets_text
 
@@ -76,7 +77,7 @@ class ConfigFile:
             secrets = tuple(new["secret"]) if "secret" in new else None
         users = tuple(new.get("users", ()))
         if users:
-            secrets = (secrets or ()) + tuple(s for u in users for s in u.secrets)
+            secrets = (secrets or ()) + user_secrets(users)
         path = self.cli_secrets_file
         if "secrets-file" not in self.given and "secrets-file" in new:
             path = Path(new["secrets-file"])
@@ -213,8 +214,6 @@ class SecretsReloader(Service):
         registry = self.proxy.core.users
         if registry is None:
             return
-        from mtproxy_tw.config.users import Limits
-
         loaded = self.config.loaded
         gone = set(
             registry.update(tuple(loaded.get("users", ())), loaded.get("limits") or Limits())
