@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mtproxy_tw import _twisted
-from mtproxy_tw.proxy.legs import HalfCloseableLeg, Leg, close_peer
+from mtproxy_tw.proxy.legs import HalfCloseableLeg, Leg, LegClient, close_peer
 
 __all__ = ["SITE_DOWN_CLOSE", "FrontRelay", "FrontedClient"]
 
@@ -31,19 +31,14 @@ __all__ = ["SITE_DOWN_CLOSE", "FrontRelay", "FrontedClient"]
 SITE_DOWN_CLOSE = (1.0, 3.0)
 
 
-class FrontedClient(Protocol):
+class FrontedClient(LegClient, Protocol):
     """
     What the front leg uses of the client protocol.
     """
 
-    transport: Any
-    bytes_in: int
-    bytes_out: int
     #: Its ``reactor`` is the clock.
     core: Any
 
-    @property
-    def closed(self) -> bool: ...
     def front_closed(self) -> None: ...
     def front_failed(self, why: str) -> None: ...
     def shadow_answered(self) -> None: ...

@@ -18,7 +18,7 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.python.failure import Failure
 
 from mtproxy_tw import _twisted
-from mtproxy_tw.proxy.legs import Leg, close_peer
+from mtproxy_tw.proxy.legs import Leg, LegClient, close_peer
 from mtproxy_tw.proxy.splice import Pump, start_pump
 from mtproxy_tw.wire import obfuscated2
 from mtproxy_tw.wire.faketls import RecordWriter
@@ -27,17 +27,11 @@ from mtproxy_tw.wire.obfuscated2 import AcceptedInit
 __all__ = ["DCClient", "DCRelay"]
 
 
-class DCClient(Protocol):
+class DCClient(LegClient, Protocol):
     """
     What the DC leg uses of the client protocol.
     """
 
-    transport: Any
-    bytes_in: int
-    bytes_out: int
-
-    @property
-    def closed(self) -> bool: ...
     def dc_up(self) -> None: ...
     def dc_lost(self) -> None: ...
     def dc_failed(self, failure: Failure) -> None: ...

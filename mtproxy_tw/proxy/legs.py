@@ -21,7 +21,7 @@ from zope.interface import implementer
 
 from mtproxy_tw import _twisted
 
-__all__ = ["HalfCloseableLeg", "Leg", "LegOwner", "close_peer"]
+__all__ = ["FLUSH_GRACE", "HalfCloseableLeg", "Leg", "LegClient", "LegOwner", "close_peer"]
 
 
 class LegOwner(Protocol):
@@ -33,6 +33,21 @@ class LegOwner(Protocol):
     def leg_data(self, data: bytes) -> None: ...
     def leg_read_closed(self) -> None: ...
     def leg_lost(self, leg: Leg) -> None: ...
+
+
+class LegClient(Protocol):
+    """
+    What every leg uses of the client protocol it serves: its transport,
+    its byte counters (the idle timer, metrics and quotas read them), and
+    whether it is gone.
+    """
+
+    transport: Any
+    bytes_in: int
+    bytes_out: int
+
+    @property
+    def closed(self) -> bool: ...
 
 
 class Leg(TwistedProtocol):

@@ -17,22 +17,17 @@ from cryptography.hazmat.primitives.ciphers import CipherContext
 
 from mtproxy_tw import _twisted
 from mtproxy_tw.proxy.interfaces import MiddleSession, MiddleUpstream
+from mtproxy_tw.proxy.legs import LegClient
 from mtproxy_tw.wire.faketls import RecordWriter
 
 __all__ = ["MiddleClient", "MiddleLeg"]
 
 
-class MiddleClient(Protocol):
+class MiddleClient(LegClient, Protocol):
     """
     What the middle leg uses of the client protocol.
     """
 
-    transport: Any
-    bytes_in: int
-    bytes_out: int
-
-    @property
-    def closed(self) -> bool: ...
     def session_closed(self) -> None: ...
 
 
