@@ -70,23 +70,20 @@ def middle_settings_from_options(options: Mapping[str, Any]) -> MiddleSettings |
     )
 
 
-def build_middle(
-    core: ProxyCore,
+def telegram_config(
+    upstreams: Any,
     settings: MiddleSettings,
     state_dir: Path | None,
     reactor: Any,
     *,
     http_client: Any = None,
-    random: _random.Random | None = None,
-) -> tuple[IService, MiddleUpstream]:
+    fetching: bool = True,
+) -> tuple[TelegramConfig, Any]:
     """
-    The config refresher and the middle-proxy upstream, as one service.
-
-    Set ``core.middle`` to the upstream and add the service to the
-    application; ``http_client`` (a treq ``HTTPClient``) is for tests.
+    Telegram's config as the options say where to download it from, and
+    the HTTP client for the external-address look-up.
     """
     lookup_client = config_client = http_client
-    upstreams = core.upstreams
     if upstreams is not None and http_client is None:
         # The middle proxies see the upstream's egress: it is looked up through it.
         lookup_client = upstream_http_client(reactor, upstreams)
@@ -101,6 +98,32 @@ def build_middle(
         refresh=settings.config_refresh,
         timeout=settings.http_timeout,
         http_client=config_client,
+        fetching=fetching,
+    )
+    return config, lookup_client
+
+
+def build_middle(
+    core: ProxyCore,
+    settings: MiddleSettings,
+    state_dir: Path | None,
+    reactor: Any,
+    *,
+    http_client: Any = None,
+    random: _random.Random | None = None,
+    fetching: bool = True,
+) -> tuple[IService, MiddleUpstream]:
+    """
+    The config refresher and the middle-proxy upstream, as one service.
+
+    Set ``core.middle`` to the upstream and add the service to the
+    application; ``http_client`` (a treq ``HTTPClient``) is for tests.
+    ``fetching=False``: the config is taken from the workers' parent
+    (:meth:`TelegramConfig.take`), not downloaded.
+    """
+    upstreams = core.upstreams
+    config, lookup_client = telegram_config(
+        upstreams, settings, state_dir, reactor, http_client=http_client, fetching=fetching
     )
     external = ExternalAddress(
         reactor,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -19,6 +19,7 @@ from mtproxy_tw.config.cli import GeneratedOptions, resolve
 from mtproxy_tw.config.users import Limits
 from mtproxy_tw.links import endpoint_address, is_specific, targets, user_links
 from mtproxy_tw.middle_options import build_middle, middle_settings_from_options
+from mtproxy_tw.processes import build_parent, fleet_state
 from mtproxy_tw.proxy.users import Registry
 from mtproxy_tw.services.descriptors import MIDDLE_POOL_DCS
 from mtproxy_tw.services.metrics import MetricsService
@@ -26,7 +27,10 @@ from mtproxy_tw.services.proxy import ProxyService
 from mtproxy_tw.services.reload import ConfigFile, SecretsReloader, read_secrets_file
 from mtproxy_tw.services.state import StateDir, StateError, default_state_dir
 from mtproxy_tw.services.usage import UsageService
+from mtproxy_tw.services.worker import WorkerChannel, WorkerSpec, worker_endpoints
 from mtproxy_tw.settings import Settings
+from mtproxy_tw.shared.amp import RemoteState
+from mtproxy_tw.shared.local import LocalState
 from mtproxy_tw.wire.chain import BackProxy
 from mtproxy_tw.wire.dcs import Address, DCTable
 from mtproxy_tw.wire.secrets import Secret, SecretError
@@ -50,6 +54,15 @@ class Options(GeneratedOptions):
         "are carried to Telegram's data centres. Every option can also be set in a TOML "
         "file given with --config."
     )
+
+    #: The options as given, for starting workers with the same ones.
+    argv: list[str] = []
+
+    def parseOptions(self, options: Sequence[str] | None = None) -> None:
+        import sys
+
+        self.argv = list(sys.argv[1:] if options is None else options)
+        super().parseOptions(options)
 
     def opt_version(self) -> None:
         """
@@ -228,6 +241,20 @@ def _log_users(users: Sequence[Any]) -> None:
         )
 
 
+def _worker_metrics(proxy: ProxyService, reactor: Any) -> Any:
+    """
+    A worker's metrics as Prometheus text, for its parent to add up.
+    """
+    from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
+
+    from mtproxy_tw.services.collector import ProxyCollector
+
+    registry = CollectorRegistry()
+    registry.register(ProxyCollector(proxy, reactor))
+    ProcessCollector(namespace="mtproxy", registry=registry)
+    return lambda: generate_latest(registry)
+
+
 def makeService(options: Options, reactor: Any = None) -> IService:
     """
     Build the proxy from parsed options.
@@ -268,18 +295,55 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             "Telegram is reached through the upstream proxy {proxies}",
             proxies=", ".join(p.label for p in settings.upstream_proxies),
         )
+    try:
+        spec = WorkerSpec.from_environment()
+    except ValueError as e:
+        raise SystemExit(f"--workers: this worker was started wrongly ({e})") from None
+    if spec is None and options["workers"] > 1:
+
+        def add_metrics(top: MultiService, pool: Any) -> None:
+            if options["metrics"]:
+                MetricsService(
+                    None, options["metrics"], options["metrics-allow"], reactor, gather=pool.gather
+                ).setServiceParent(top)
+
+        return build_parent(options, settings, state.path, reactor, add_metrics)
     top = MultiService()
-    proxy = ProxyService(settings, reactor, options["listen"], options.get("listen-named-by"))
+    proxy = ProxyService(
+        settings,
+        reactor,
+        options["listen"],
+        options.get("listen-named-by"),
+        endpoints=worker_endpoints(reactor, spec, options["listen"]) if spec else None,
+        keep_replay=spec is None,
+    )
+    remote: RemoteState | None = None
+    if spec is not None:
+        # Before the proxy: the channel is up when the first client comes.
+        remote = RemoteState()
+        proxy.core.shared = remote
+        WorkerChannel(reactor, remote, spec.index).setServiceParent(top)
+    elif options["shared-state"] is not None:
+        state_of_fleet, connector = fleet_state(
+            reactor, options["shared-state"], cast(LocalState, proxy.core.shared)
+        )
+        proxy.core.shared = state_of_fleet
+        connector.setServiceParent(top)
     proxy.setServiceParent(top)
     if options.get("middle") is not None:
-        middle, upstream = build_middle(proxy.core, options["middle"], state.path, reactor)
+        middle, upstream = build_middle(
+            proxy.core, options["middle"], state.path, reactor, fetching=remote is None
+        )
+        if remote is not None:
+            remote.middle_config = cast(Any, upstream).config.take
         proxy.core.middle = upstream
         proxy.pool_descriptors = MIDDLE_POOL_DCS * options["middle"].pool_max
         middle.setServiceParent(top)
     if options["users"] or options["limits"] is not None:
         registry = Registry(options["users"], options["limits"] or Limits())
         proxy.core.users = registry
-        _log_users(options["users"])
+        if spec is None or spec.index == 1:
+            _log_users(options["users"])
 
         def live() -> Any:
             return (
@@ -288,10 +352,20 @@ def makeService(options: Options, reactor: Any = None) -> IService:
                 if c.user is not None
             )
 
-        UsageService(registry, live, state.path, reactor).setServiceParent(top)
+        UsageService(
+            registry,
+            live,
+            state.path,
+            reactor,
+            shared=proxy.core.shared if proxy.core.shared.distributed else None,
+            saving=spec is None,
+        ).setServiceParent(top)
     announcer = _LinkAnnouncer(proxy, options["public-host"], options["tls-domains"])
-    announcer.setServiceParent(top)
-    if options["metrics"]:
+    if spec is None or spec.index == 1:  # once, not once per worker
+        announcer.setServiceParent(top)
+    if remote is not None:
+        remote.metrics_text = _worker_metrics(proxy, reactor)
+    elif options["metrics"]:
         metrics = MetricsService(proxy, options["metrics"], options["metrics-allow"], reactor)
         metrics.setServiceParent(top)
     fixed = options["fixed-secrets"] or ([] if options["secrets-file"] else list(secrets))

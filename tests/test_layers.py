@@ -15,7 +15,12 @@ import mtproxy_tw
 
 ROOT = Path(mtproxy_tw.__file__).parent
 #: Modules allowed past the size guideline, each with the reason.
-LONG_MODULES: dict[str, str] = {}
+LONG_MODULES: dict[str, str] = {
+    "mtproxy_tw.proxy.client": (
+        "the client's lifecycle machine: every state's handler and every "
+        "transition in one place, so that a state change can be read whole"
+    ),
+}
 
 
 def _module_name(path: Path) -> str:

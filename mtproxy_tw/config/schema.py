@@ -109,6 +109,24 @@ OPTIONS: tuple[Option, ...] = (
         toml=(bool,),
     ),
     Option(
+        "workers",
+        "Worker processes accepting on the same listeners, children of this one; "
+        "the replay cache, limits, usage and metrics hold across them. auto: one per "
+        "usable core.",
+        default=1,
+        parse=values.workers,
+        toml=(int, str),
+        metavar="N",
+    ),
+    Option(
+        "shared-state",
+        "redis://[:PASSWORD@]HOST:PORT/DB shared by a fleet of proxies: the replay cache "
+        "and the users' connections, addresses and quotas. Without it the state is this "
+        "host's own; with Redis down, the proxy keeps serving on it and catches up later.",
+        parse=values.shared_state,
+        metavar="URL",
+    ),
+    Option(
         "upstream-proxy",
         "socks5://[USER:PASS@]HOST:PORT every connection toward Telegram goes through "
         "(DCs, middle proxies, the IP look-up); several are used in turn, a failed one "

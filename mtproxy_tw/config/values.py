@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 from mtproxy_tw.links import split_public_host
@@ -35,6 +35,7 @@ __all__ = [
     "port",
     "public_host",
     "secrets",
+    "shared_state",
     "size",
     "size_at_least",
     "text",
@@ -42,6 +43,7 @@ __all__ = [
     "upstream_proxies",
     "url",
     "whole",
+    "workers",
 ]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -280,3 +282,70 @@ def networks(items: Sequence[Any]) -> tuple[ipaddress.IPv4Network | ipaddress.IP
         except ValueError:
             raise ValueError(f"{item!r} is not a CIDR (e.g. 10.0.0.0/8)") from None
     return tuple(result) or LOOPBACK_NETWORKS
+
+
+class RedisURL(NamedTuple):
+    """
+    Where a fleet's shared state lives (``--shared-state``).
+    """
+
+    host: str
+    port: int
+    db: int
+    password: str | None
+
+    def __str__(self) -> str:
+        # Never the password: this is what logs and errors show.
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"redis://{host}:{self.port}/{self.db}"
+
+    def __repr__(self) -> str:
+        # A tuple's repr would show the password.
+        return f"RedisURL({str(self)!r})"
+
+
+def shared_state(value: Any) -> RedisURL:
+    """
+    ``redis://[:PASSWORD@]HOST[:PORT][/DB]``; a refusal never repeats the
+    password.
+    """
+    text = str(value).strip()
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError:
+        raise ValueError("not a redis://HOST:PORT/DB URL") from None
+    if parts.scheme != "redis":
+        raise ValueError("use a redis://HOST:PORT/DB URL")
+    if not parts.hostname:
+        raise ValueError("the URL names no host")
+    path = parts.path.strip("/")
+    if path and not path.isdigit():
+        raise ValueError("the database is a number (redis://HOST:PORT/0)")
+    if parts.query or parts.fragment:
+        raise ValueError("the URL takes no query")
+    return RedisURL(parts.hostname, port or 6379, int(path or 0), parts.password or None)
+
+
+def usable_cores() -> int:
+    """
+    The cores this process may run on.
+    """
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def workers(value: Any) -> int:
+    """
+    A number of worker processes, or ``auto``: one per usable core.
+    """
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return usable_cores()
+    try:
+        return whole(1, 1024)(value)
+    except ValueError as e:
+        raise ValueError(f"{e} (or auto)") from None

@@ -112,8 +112,11 @@ class TelegramConfig(Service):
         refresh: float = 3600.0,
         timeout: float = 10.0,
         http_client: Any = None,
+        fetching: bool = True,
     ) -> None:
+        # fetching=False: a worker, taking what its parent downloads (take).
         self.reactor = reactor
+        self.fetching = fetching
         self.state_dir = state_dir
         self.cache = ConfigCache(state_dir)
         self.urls = {"config": config_url, "config_v6": config_v6_url, "secret": secret_url}
@@ -131,6 +134,9 @@ class TelegramConfig(Service):
         self.updated: dict[str, float] = {}
         #: Called with the kind after each change (for logging or tests).
         self.listeners: list[Callable[[str], None]] = []
+        #: Called with the kind and body of each valid download (the
+        #: workers' parent hands them on).
+        self.downloads: list[Callable[[str, bytes], None]] = []
         self._next: IDelayedCall | None = None
         #: Scheduled rounds that failed in a row (0: the next one is a refresh).
         self._attempt = 0
@@ -286,7 +292,16 @@ class TelegramConfig(Service):
             **self.sources,
         )
         self._attempt = 0
-        self._scheduled_round()
+        if self.fetching:
+            self._scheduled_round()
+
+    def take(self, kind: str, body: bytes) -> None:
+        """
+        A body downloaded elsewhere (by the workers' parent): checked and
+        used as a download of this process's own would be.
+        """
+        if kind in self.KINDS:
+            self._downloaded(kind, Fetched(body, None), retry=False)
 
     def stopService(self) -> None:
         super().stopService()
@@ -418,6 +433,8 @@ class TelegramConfig(Service):
             return False
         self._warned.pop(kind, None)
         self.updated[kind] = self.reactor.seconds()
+        for listener in list(self.downloads):
+            listener(kind, fetched.body)
         if kind == "secret":
             self._new_secret(value)
             return True

@@ -1,16 +1,26 @@
 """
 One connection's standing with the users' registry
-(:class:`mtproxy_tw.proxy.users.Registry`): checked when it connects and
-when its handshake proves a secret, counted while it lives, and what a
-refusal is recorded as.
+(:class:`mtproxy_tw.proxy.users.Registry`) and the shared state
+(:mod:`mtproxy_tw.shared`): checked when it connects and when its handshake
+proves a secret, counted while it lives, and what a refusal is recorded as.
+
+The registry decides what this process knows alone (access lists,
+disabled, expired, over quota, and the live counts of its own
+connections). Where the shared state is distributed (workers, a fleet),
+the counted limits are also claimed there, so that they hold across every
+process: the connections from one address, the proxy's connection cap, and
+each user's connections and addresses.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
+from mtproxy_tw.proxy.users import counted_address
+from mtproxy_tw.shared.base import Claim, SharedState
 from mtproxy_tw.wire.secrets import Secret
 
 __all__ = ["Admission"]
@@ -27,8 +37,10 @@ class Admission:
 
     __slots__ = (
         "address",
+        "claimed",
         "conn",
         "core",
+        "holder",
         "refused",
     )
 
@@ -36,12 +48,40 @@ class Admission:
         self.core = core
         self.conn = conn
         self.address = address
+        self.holder = core.holder()
+        #: Whether the shared state holds claims of this connection.
+        self.claimed = False
         users = core.users
         #: The limit that refuses this connection whatever it sends.
         self.refused: str | None = None
         if users is not None:
             self.refused = users.check_address(address)
             users.attach_address(conn, address)
+
+    def start(self) -> Deferred[str | None]:
+        """
+        The limit that refuses the connection whatever it sends, once the
+        shared state has counted it (at once where it is this process's).
+        """
+        shared = self.core.shared
+        if self.refused is not None or not shared.distributed:
+            return succeed(self.refused)
+        claims = []
+        users = self.core.users
+        per_ip = users.per_ip_limit if users is not None else None
+        if per_ip is not None:
+            claims.append(Claim("per_ip", "ip:" + counted_address(self.address), per_ip))
+        cap = self.core.settings.max_connections
+        if cap is not None:
+            claims.append(Claim("max-connections", "global", cap, fleet=False))
+        if not claims:
+            return succeed(None)
+        return self._claim(claims)
+
+    def _claim(self, claims: list[Claim]) -> Deferred[str | None]:
+        self.claimed = True
+        shared: SharedState = self.core.shared
+        return shared.acquire(self.holder, claims)
 
     def admit(self, secret: Secret) -> str | None:
         """
@@ -54,6 +94,38 @@ class Admission:
             return None
         result: str | None = users.check_user(user, self.address, self.core.reactor.seconds())
         return result
+
+    def consult(self, key: bytes, secret: Secret) -> Deferred[str | None]:
+        """
+        The shared state's verdict on a valid hello or init: ``"replay"``,
+        a limit of the user's (its claims taken), or ``None``.
+        """
+        shared: SharedState = self.core.shared
+        seen = shared.seen(key)
+        claims = self._user_claims(secret) if shared.distributed else []
+
+        def checked(replayed: bool) -> str | Deferred[str | None] | None:
+            if replayed:
+                return "replay"
+            if claims:
+                return self._claim(claims)
+            return None
+
+        return seen.addCallback(checked)
+
+    def _user_claims(self, secret: Secret) -> list[Claim]:
+        users = self.core.users
+        user = users.user_of(secret.name) if users is not None else None
+        spec = users.spec(user) if users is not None and user is not None else None
+        if spec is None:
+            return []
+        claims = []
+        if spec.max_connections is not None:
+            claims.append(Claim("connections", "user:" + spec.name, spec.max_connections))
+        if spec.max_ips is not None:
+            member = counted_address(self.address)
+            claims.append(Claim("ips", "ips:" + spec.name, spec.max_ips, member=member))
+        return claims
 
     def accepted(self, secret: Secret) -> str:
         """
@@ -98,3 +170,6 @@ class Admission:
         users = self.core.users
         if users is not None:
             users.detach(self.conn, bytes_total)
+        if self.claimed:
+            self.claimed = False
+            self.core.shared.release(self.holder)

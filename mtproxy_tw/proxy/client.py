@@ -28,7 +28,7 @@ from mtproxy_tw.proxy.admission import Admission
 from mtproxy_tw.proxy.chain import ChainRelay, direct_leg
 from mtproxy_tw.proxy.core import ProxyCore
 from mtproxy_tw.proxy.dcrelay import DCRelay
-from mtproxy_tw.proxy.handshake import Accept, Decision, Front, Handshake, NeedMore
+from mtproxy_tw.proxy.handshake import Accept, Consult, Decision, Front, Handshake, NeedMore
 from mtproxy_tw.proxy.interfaces import MiddleSession, MiddleUpstream, Transport
 from mtproxy_tw.proxy.legs import Leg
 from mtproxy_tw.proxy.middleleg import MiddleLeg
@@ -105,18 +105,35 @@ class ClientProtocol(Protocol):
             return
         self.address = str(getattr(self.transport.getPeer(), "host", ""))
         admission = self._admission = Admission(core, self, self.address)
-        self.handshake = Handshake(
-            self.settings,
-            core.replay,
-            lambda domain: core.tls_profiles.get(domain),
-            admit=admission.admit,
-            refused=admission.refused,
-        )
         _twisted.no_delay(self.transport)
-        self._handler = self._read_handshake
         self._timer = core.reactor.callLater(
             self.settings.handshake_timeout, self._handshake_timed_out
         )
+        started = admission.start()
+        paused = not started.called
+        if paused:  # the shared state is counting it: nothing read till then
+            self.transport.pauseProducing()
+        started.addCallback(self._admitted, paused).addErrback(self._shared_failed)
+
+    def _admitted(self, refused: str | None, paused: bool) -> None:
+        if self.state is not State.HANDSHAKING or self._admission is None:
+            return
+        core = self.core
+        self.handshake = Handshake(
+            self.settings,
+            None,
+            lambda domain: core.tls_profiles.get(domain),
+            admit=self._admission.admit,
+            refused=refused,
+        )
+        self._handler = self._read_handshake
+        if paused:
+            self.transport.resumeProducing()
+
+    def _shared_failed(self, failure: Failure) -> None:
+        self.log.failure("the shared state failed on {peer}", failure, peer=self.address)
+        if self.state is State.HANDSHAKING:
+            self.reject("shared-state")
 
     def dataReceived(self, data: bytes) -> None:
         self._handler(data)
@@ -183,8 +200,15 @@ class ClientProtocol(Protocol):
         self._timer = None
         if self.handshake is not None:
             self._decided(self.handshake.timed_out())
+        elif self.state is State.HANDSHAKING:  # still being counted
+            self.reject("handshake-timeout")
 
     def _decided(self, decision: Decision) -> None:
+        if isinstance(decision, Consult):
+            assert self._admission is not None
+            consulted = self._admission.consult(decision.key, decision.secret)
+            consulted.addCallback(self._consulted).addErrback(self._shared_failed)
+            return
         reply = getattr(decision, "reply", b"")
         if reply:
             # A fake-TLS answer: committed; the shadow, if any, goes.
@@ -212,6 +236,11 @@ class ClientProtocol(Protocol):
         else:
             self._drop_shadow()
             self.reject(decision.reason)
+
+    def _consulted(self, verdict: str | None) -> None:
+        handshake = self.handshake
+        if handshake is not None and handshake.consulting and self.state is State.HANDSHAKING:
+            self._decided(handshake.resume(verdict))
 
     # -- the shadow connection to the mask host
 

@@ -13,6 +13,8 @@ from mtproxy_tw.fronting.profile import TLSProfile
 from mtproxy_tw.proxy.socks import Upstreams, plain_endpoint
 from mtproxy_tw.proxy.stats import Stats
 from mtproxy_tw.settings import Settings
+from mtproxy_tw.shared.base import SharedState
+from mtproxy_tw.shared.local import LocalState
 from mtproxy_tw.wire.dcs import Address
 from mtproxy_tw.wire.replay import ReplayCache
 from mtproxy_tw.wire.throttle import Throttle
@@ -39,6 +41,10 @@ class ProxyCore:
         self.settings = settings
         self.reactor = reactor
         self.replay = ReplayCache(reactor, settings.replay_capacity, settings.replay_window)
+        #: What holds across the proxy's processes and hosts: by default
+        #: this process's own replay cache.
+        self.shared: SharedState = LocalState(self.replay)
+        self._holders = 0
         self.stats = Stats()
         self.clients: set[ClientProtocol] = set()
         #: Clients still in their handshake, oldest first.
@@ -86,6 +92,13 @@ class ProxyCore:
         self.handshaking[client] = None
         self.stats.active += 1
         return True
+
+    def holder(self) -> str:
+        """
+        A new name for a connection's claims, unique in this process.
+        """
+        self._holders += 1
+        return str(self._holders)
 
     def handshake_over(self, client: ClientProtocol) -> None:
         """

@@ -15,16 +15,29 @@ States::
       │                       └──bad record/init, replay, timeout──▶ DONE (reject)
       ├──valid init──▶ DONE (accept)
       └──anything else──▶ DONE (front or reject)
+
+Without a replay store of its own the machine asks instead: a valid hello
+or init answers :class:`Consult`, the state is ``CONSULT`` until the caller
+brings the shared state's verdict to :meth:`Handshake.resume`, and the
+bytes that arrive meanwhile are held for whichever way it goes.
 """
 
 from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Protocol
 
 from mtproxy_tw.fronting.profile import TLSProfile, fallback_size
+from mtproxy_tw.proxy.decisions import (
+    Accept,
+    Consult,
+    Decision,
+    Front,
+    HandshakePolicy,
+    NeedMore,
+    Reject,
+    ReplayStore,
+)
 from mtproxy_tw.wire import faketls, obfuscated2
 from mtproxy_tw.wire.dcs import Address
 from mtproxy_tw.wire.obfuscated2 import TAG_ABRIDGED, TAG_INTERMEDIATE, TAG_PADDED, AcceptedInit
@@ -32,6 +45,7 @@ from mtproxy_tw.wire.secrets import Mode, Secret
 
 __all__ = [
     "Accept",
+    "Consult",
     "Decision",
     "Front",
     "Handshake",
@@ -51,101 +65,10 @@ _TAGS_BY_MODE = {
 _HTTP_VERBS = frozenset({b"GET ", b"POST", b"HEAD", b"OPTI", b"PUT ", b"DELE", b"CONN", b"PATC"})
 
 
-class ReplayStore(Protocol):
-    """
-    Remembers handshakes; see :class:`mtproxy_tw.wire.replay.ReplayCache`.
-    """
-
-    def check_and_add(self, key: bytes) -> bool: ...
-
-
-class HandshakePolicy(Protocol):
-    """
-    What the machine reads of the settings (:class:`mtproxy_tw.settings.Settings`).
-    """
-
-    @property
-    def secrets(self) -> tuple[Secret, ...]: ...
-    @property
-    def modes(self) -> frozenset[Mode]: ...
-    @property
-    def tls_enabled(self) -> bool: ...
-    @property
-    def tls_domains(self) -> frozenset[str]: ...
-    @property
-    def masking(self) -> bool: ...
-    @property
-    def tls_time_skew(self) -> float: ...
-    def mask_target(self, sni: str | None) -> Address | None: ...
-
-
-@dataclass(frozen=True, slots=True)
-class NeedMore:
-    """
-    Keep reading; write ``reply`` first if there is one.
-    """
-
-    reply: bytes = b""
-
-
-@dataclass(frozen=True, slots=True)
-class Accept:
-    """
-    A valid init: relay for ``secret``.
-
-    :ivar rest: plain bytes after the init (already out of TLS records).
-    :ivar records: the fake-TLS record reader to keep using, or ``None``.
-    :ivar reply: bytes to write before anything else.
-    """
-
-    secret: Secret
-    init: AcceptedInit
-    rest: bytes
-    records: faketls.TLSRecordReader | None
-    reply: bytes = b""
-
-    @property
-    def mode(self) -> Mode:
-        """
-        The client mode it was accepted in.
-        """
-        if self.records is not None:
-            return Mode.TLS
-        return Mode.SECURE if self.init.tag == TAG_PADDED else Mode.CLASSIC
-
-
-@dataclass(frozen=True, slots=True)
-class Front:
-    """
-    A failed handshake to hand to the mask host at ``target``, with every
-    byte read so far.
-    """
-
-    reason: str
-    buffered: bytes
-    target: Address
-    #: The secret's name, when the client held a valid key (a limit, or a
-    #: transport its secret does not admit).
-    user: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Reject:
-    """
-    Close the connection, answering nothing more (``reply`` first, if any).
-    """
-
-    reason: str
-    reply: bytes = b""
-    user: str | None = None
-
-
-Decision = NeedMore | Accept | Front | Reject
-
-
 class _State(enum.Enum):
     FIRST = "first bytes"
     TLS_INIT = "init inside TLS records"
+    CONSULT = "waiting for the shared state"
     DONE = "decided"
 
 
@@ -161,10 +84,12 @@ class Handshake:
     __slots__ = (
         "_admit",
         "_buffer",
+        "_held",
         "_profile",
         "_records",
         "_refused",
         "_replay",
+        "_resume",
         "_size",
         "_sni",
         "_state",
@@ -175,7 +100,7 @@ class Handshake:
     def __init__(
         self,
         policy: HandshakePolicy,
-        replay: ReplayStore,
+        replay: ReplayStore | None,
         profile: Callable[[str], TLSProfile | None] = lambda domain: None,
         size: Callable[[], int] = fallback_size,
         admit: Callable[[Secret], str | None] = lambda secret: None,
@@ -187,6 +112,8 @@ class Handshake:
             treated as any failed handshake, fronted where fronting is on).
         :param refused: the limit that refuses this connection whatever it
             sends (an address that is denied, say).
+        :param replay: checked at once; ``None``: each valid hello and init
+            answers :class:`Consult` instead.
         """
         self.policy = policy
         self._admit = admit
@@ -199,13 +126,16 @@ class Handshake:
         self._sni: str | None = None
         self._tls_secret: Secret | None = None
         self._records: faketls.TLSRecordReader | None = None
+        #: Bytes that arrived while consulting, and how to go on.
+        self._held = b""
+        self._resume: Callable[[str | None], Decision] | None = None
 
     @property
     def buffered(self) -> int:
         """
         Bytes held while undecided.
         """
-        return len(self._buffer)
+        return len(self._buffer) + len(self._held)
 
     @property
     def state(self) -> str:
@@ -219,7 +149,35 @@ class Handshake:
             return self._first(data, now)
         if self._state is _State.TLS_INIT:
             return self._tls_init(data)
+        if self._state is _State.CONSULT:
+            self._held += data
+            return NeedMore()
         raise RuntimeError("the handshake is already decided")
+
+    @property
+    def consulting(self) -> bool:
+        return self._state is _State.CONSULT
+
+    def resume(self, verdict: str | None) -> Decision:
+        """
+        The shared state's answer to :class:`Consult`: ``None`` (go on),
+        ``"replay"``, or the limit that refuses the user.
+        """
+        if self._resume is None:
+            raise RuntimeError("the handshake is not consulting")
+        go_on, self._resume = self._resume, None
+        return go_on(verdict)
+
+    def _consult(
+        self, key: bytes, secret: Secret, go_on: Callable[[str | None], Decision]
+    ) -> Consult:
+        self._state = _State.CONSULT
+        self._resume = go_on
+        return Consult(key, secret)
+
+    def _take_held(self) -> bytes:
+        held, self._held = self._held, b""
+        return held
 
     @property
     def pending(self) -> bytes:
@@ -246,8 +204,9 @@ class Handshake:
         The fronted site has answered (or closed on) the bytes so far: a
         client it would talk to is not one of ours, so it gets the site.
         """
-        if self._state is _State.TLS_INIT:
+        if self._state is _State.TLS_INIT or self._records is not None:
             return self._reject("site-answered")
+        self._buffer += self._take_held()
         return self._fail("incomplete", tls=self._looks_tls())
 
     def _looks_tls(self) -> bool:
@@ -257,8 +216,9 @@ class Handshake:
         """
         The client took too long: what to do with what it sent.
         """
-        if self._state is _State.TLS_INIT:
+        if self._state is _State.TLS_INIT or self._records is not None:
             return self._reject("handshake-timeout")
+        self._buffer += self._take_held()
         return self._fail("handshake-timeout", tls=self.policy.tls_enabled)
 
     # -- states
@@ -328,8 +288,22 @@ class Handshake:
         limit = self._admit(match.name)
         if limit is not None:
             return self._fail(f"limit-{limit}", tls=True, user=match.name.name)
-        if self._replay.check_and_add(b"tls:" + match.client_random):
+        key = b"tls:" + match.client_random
+        if self._replay is None:
+            return self._consult(key, match.name, lambda v: self._hello_checked(v, hello, match))
+        return self._hello_checked(
+            "replay" if self._replay.check_and_add(key) else None, hello, match
+        )
+
+    def _hello_checked(
+        self, verdict: str | None, hello: faketls.HelloRecord, match: faketls.HelloMatch[Secret]
+    ) -> Decision:
+        self._buffer += self._take_held()
+        if verdict == "replay":
             return self._fail("tls-replay", tls=True)
+        if verdict is not None:
+            return self._fail(f"limit-{verdict}", tls=True, user=match.name.name)
+        assert match.server_name is not None
         measured = self._profile(match.server_name.lower())
         # The site's answer to a hello of this shape (X25519MLKEM768 offered
         # or not), with its group only if the client offered that.
@@ -393,11 +367,39 @@ class Handshake:
             limit = self._admit(secret)
             if limit is not None:
                 return self._fail(f"limit-{limit}", user=secret.name)
-        if self._replay.check_and_add(init[8:56]):
-            return self._reject("replay", reply) if tls else self._fail("replay")
+        key = init[8:56]
+        if self._replay is None:
+            return self._consult(
+                key, secret, lambda v: self._init_checked(v, secret, accepted, rest, reply)
+            )
+        seen = "replay" if self._replay.check_and_add(key) else None
+        return self._init_checked(seen, secret, accepted, rest, reply)
+
+    def _init_checked(
+        self,
+        verdict: str | None,
+        secret: Secret,
+        accepted: AcceptedInit,
+        rest: bytes,
+        reply: bytes,
+    ) -> Decision:
+        tls = self._records is not None
+        held = self._take_held()
+        if verdict is not None:
+            if tls:
+                return self._reject(verdict if verdict == "replay" else f"limit-{verdict}", reply)
+            self._buffer += held
+            if verdict == "replay":
+                return self._fail("replay")
+            return self._fail(f"limit-{verdict}", user=secret.name)
+        if held and self._records is not None:
+            try:
+                held = self._records.feed(held)
+            except faketls.TLSError:
+                return self._reject("tls-bad-record", reply)
         self._buffer = bytearray()
         self._state = _State.DONE
-        return Accept(secret, accepted, rest, self._records, reply)
+        return Accept(secret, accepted, rest + held, self._records, reply)
 
     def _match(
         self, init: bytes, modes: tuple[Mode, ...], secrets: Iterable[Secret]

@@ -29,7 +29,7 @@ from typing import Any
 
 from mtproxy_tw.config.users import Limits, Network, UserSpec
 
-__all__ = ["Registry"]
+__all__ = ["Registry", "counted_address"]
 
 _Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -69,12 +69,15 @@ def _address(ip: str) -> _Address | None:
     return address
 
 
-def _key(ip: str) -> str:
+def counted_address(ip: str) -> str:
     """
     The form an address is counted under (``::ffff:1.2.3.4`` is 1.2.3.4).
     """
     address = _address(ip)
     return ip if address is None else str(address)
+
+
+_key = counted_address
 
 
 class _Entry:
@@ -118,6 +121,8 @@ class Registry:
         self._deny = _Networks(())
         self._per_ip_max: int | None = None
         self._usage: dict[str, int] = {}
+        #: Bytes counted here since :meth:`take_unsent` (for a shared total).
+        self._unsent: dict[str, int] = {}
         self._conns: dict[Hashable, _Entry] = {}
         self._per_ip: dict[str, int] = {}
         self._user_conns: dict[str, int] = {}
@@ -147,6 +152,13 @@ class Registry:
         self._owner = {secret.name: spec.name for spec in users for secret in spec.secrets}
         after = {name for name, spec in self._users.items() if spec.enabled}
         return sorted(before - after)
+
+    @property
+    def per_ip_limit(self) -> int | None:
+        """
+        ``max_connections_per_ip`` of the limits.
+        """
+        return self._per_ip_max
 
     def user_of(self, secret_name: str) -> str | None:
         """
@@ -294,6 +306,15 @@ class Registry:
     def add_bytes(self, user: str, n: int) -> None:
         if n > 0:
             self._usage[user] = self._usage.get(user, 0) + n
+            self._unsent[user] = self._unsent.get(user, 0) + n
+
+    def take_unsent(self) -> dict[str, int]:
+        """
+        Bytes counted by this registry since the last call, by user (what
+        to add to a total shared with other processes).
+        """
+        unsent, self._unsent = self._unsent, {}
+        return unsent
 
     def used(self, user: str) -> int:
         return self._usage.get(user, 0)

@@ -6,15 +6,20 @@ The proxy's own ``CollectorRegistry`` (its
 collector) is served at ``/metrics`` by prometheus_client's Twisted
 ``MetricsResource`` through twisted.web; a client address outside
 ``--metrics-allow`` gets 403 for any path.
+
+The parent of ``--workers`` runs no proxy: given ``gather`` (the workers'
+expositions), it serves them merged with its own process's metrics
+(:class:`~mtproxy_tw.services.mergemetrics.MergedMetricsResource`).
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, ProcessCollector
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
@@ -23,6 +28,7 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
 from mtproxy_tw.services.collector import ProxyCollector
+from mtproxy_tw.services.mergemetrics import MergedMetricsResource
 from mtproxy_tw.services.proxy import Listener, ListenError, ProxyService
 from mtproxy_tw.wire.throttle import Throttle
 
@@ -92,18 +98,24 @@ class _QuietSite(Site):
 
 class MetricsService(Listener):
     """
-    Serves the metrics of ``proxy`` on the endpoint ``description``.
+    Serves the metrics of ``proxy`` on the endpoint ``description``; with
+    ``gather`` instead (the parent of ``--workers``, no proxy of its own),
+    the expositions it answers merged with the registry's.
 
-    :ivar registry: this proxy's own registry: the proxy's collector and
-        the process's (``mtproxy_process_*``: CPU, memory, open files).
+    :ivar registry: this process's own registry: the proxy's collector
+        (none with ``gather``) and the process's (``mtproxy_process_*``:
+        CPU, memory, open files).
     """
+
+    collector: ProxyCollector | None
 
     def __init__(
         self,
-        proxy: ProxyService,
+        proxy: ProxyService | None,
         description: str,
         allowed: Iterable[Network],
         reactor: Any,
+        gather: Callable[[], Deferred[list[bytes]]] | None = None,
     ) -> None:
         # Imported here: it imports the global reactor, which must be
         # installed (by twistd) before.
@@ -117,19 +129,30 @@ class MetricsService(Listener):
                 f"--metrics: {description!r} is not a usable endpoint ({e})"
             ) from None
         self.registry = CollectorRegistry()
-        self.collector = ProxyCollector(proxy, reactor)
-        self.registry.register(self.collector)
-        ProcessCollector(namespace="mtproxy", registry=self.registry)
-        root = _Guarded(MetricsResource(self.registry), list(allowed), reactor)
+        metrics: IResource
+        if gather is None:
+            if proxy is None:
+                raise TypeError("MetricsService: a proxy or gather is needed")
+            self.collector = ProxyCollector(proxy, reactor)
+            self.registry.register(self.collector)
+            ProcessCollector(namespace="mtproxy", registry=self.registry)
+            metrics = MetricsResource(self.registry)
+        else:
+            self.collector = None
+            ProcessCollector(namespace="mtproxy", registry=self.registry)
+            metrics = MergedMetricsResource(gather, self.registry, reactor)
+        root = _Guarded(metrics, list(allowed), reactor)
         site: Any = _QuietSite(root, timeout=60)
         super().__init__(endpoint, site)
 
     def startService(self) -> None:
-        self.collector.start()
+        if self.collector is not None:
+            self.collector.start()
         super().startService()
 
     def stopService(self) -> Any:
-        self.collector.stop()
+        if self.collector is not None:
+            self.collector.stop()
         return super().stopService()
 
     def listen(self) -> None:

@@ -12,17 +12,16 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from twisted.application.internet import TimerService
-from twisted.application.service import MultiService, Service
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
-from mtproxy_tw._twisted import clamp_mss, tune_malloc
+from mtproxy_tw._twisted import tune_malloc
 from mtproxy_tw.fronting.prober import ProfileService
 from mtproxy_tw.proxy.client import ClientProtocol
 from mtproxy_tw.proxy.core import ProxyCore
@@ -34,6 +33,7 @@ from mtproxy_tw.services.descriptors import (
     limit_advice,
     raise_open_file_limit,
 )
+from mtproxy_tw.services.listener import Listener
 from mtproxy_tw.services.memory import TrimPolicy, TrimService, load_of
 from mtproxy_tw.services.replaystore import REPLAY_FILE, ReplayStore
 from mtproxy_tw.settings import Settings
@@ -54,93 +54,6 @@ class ClientFactory(Factory):
 
     def buildProtocol(self, addr: Any) -> ClientProtocol:
         return ClientProtocol(self.core)
-
-
-class Listener(Service):
-    """
-    Listens on one endpoint from its first start to its stop.
-
-    Twisted's ``StreamServerEndpointService``, but with the two things the
-    proxy needs from it public: a refusal to listen that the endpoint
-    reports at once is raised at once (so the start fails with it), and
-    :attr:`port` fires with the listening port. It listens once, in
-    ``privilegedStartService`` (before ``twistd --uid`` drops privileges)
-    or, when that was not called, in ``startService``.
-
-    :ivar port: fires with the listening port; ``None`` before the first
-        start and after a stop.
-    :ivar mss: the TCP MSS announced to clients (``--mss-clamp``), if any.
-    """
-
-    log = Logger()
-
-    def __init__(
-        self, endpoint: IStreamServerEndpoint, factory: Factory, mss: int | None = None
-    ) -> None:
-        self.endpoint = endpoint
-        self.factory = factory
-        self.mss = mss
-        self.port: Deferred[IListeningPort] | None = None
-        #: The port, once listening (what callbacks on :attr:`port` return
-        #: does not change it).
-        self._listening: IListeningPort | None = None
-
-    def privilegedStartService(self) -> None:
-        super().privilegedStartService()
-        self.listen()
-
-    def startService(self) -> None:
-        super().startService()
-        self.listen()
-
-    def listen(self) -> None:
-        """
-        Listen, unless already listening; raise what the endpoint refuses
-        with at once (``CannotListenError``).
-        """
-        if self.port is not None:
-            return
-        outcome: list[object] = []
-        port = self.endpoint.listen(self.factory)
-
-        def now(result: object) -> object:
-            outcome.append(result)
-            return result
-
-        port.addBoth(now)
-        if outcome and isinstance(outcome[0], Failure):
-            port.addErrback(lambda _: None)
-            outcome[0].raiseException()
-        self.port = port.addCallback(self._listened)
-
-    def _listened(self, port: IListeningPort) -> IListeningPort:
-        self._listening = port
-        if self.mss is not None and not clamp_mss(port, self.mss):
-            self.log.warn("--mss-clamp: {port} is not TCP; not clamped", port=port.getHost())
-        return port
-
-    def stopService(self) -> Deferred[None] | None:
-        super().stopService()
-        port, self.port = self.port, None
-        listening, self._listening = self._listening, None
-        if listening is not None:
-            return listening.stopListening()
-        if port is None:
-            return None
-        port.cancel()  # a listen still under way
-
-        def close(listening: IListeningPort | None) -> Deferred[None] | None:
-            # The endpoint could not cancel: the port came up all the same.
-            if listening is None:
-                return None
-            if self._listening is listening:
-                self._listening = None
-            return listening.stopListening()
-
-        def cancelled(failure: Failure) -> None:
-            failure.trap(CancelledError)
-
-        return port.addCallbacks(close, cancelled)
 
 
 class ListenError(SystemExit):
@@ -172,7 +85,16 @@ class ProxyService(MultiService):
         reactor: Any,
         listen: Sequence[str],
         named_by: Sequence[str] | None = None,
+        *,
+        endpoints: Sequence[IStreamServerEndpoint] | None = None,
+        keep_replay: bool = True,
     ) -> None:
+        """
+        :param endpoints: what to listen on instead of parsing ``listen``
+            (a worker's sockets, handed down by its parent).
+        :param keep_replay: keep the replay cache in the state directory
+            (a worker's parent keeps it instead).
+        """
         super().__init__()
         self.reactor = reactor
         self.listen = list(listen)
@@ -193,9 +115,13 @@ class ProxyService(MultiService):
         self.core = ProxyCore(settings, reactor)
         self.factory = ClientFactory(self.core)
         self.listeners: list[Listener] = []
-        for description, name in zip(self.listen, self.named_by, strict=True):
+        for i, (description, name) in enumerate(zip(self.listen, self.named_by, strict=True)):
             try:
-                endpoint = serverFromString(reactor, description)
+                endpoint = (
+                    endpoints[i]
+                    if endpoints is not None
+                    else serverFromString(reactor, description)
+                )
             except (ValueError, TypeError, KeyError, IndexError) as e:
                 raise ListenError(f"{name}: not a usable endpoint ({e})") from None
             listener = Listener(endpoint, self.factory, settings.mss_clamp)
@@ -215,7 +141,7 @@ class ProxyService(MultiService):
         self.trimmer.setServiceParent(self)
         #: Keeps the replay cache in the state directory across restarts.
         self.replay_store: ReplayStore | None = None
-        if settings.state_dir is not None:
+        if settings.state_dir is not None and keep_replay:
             path = settings.state_dir / REPLAY_FILE
             self.replay_store = ReplayStore(lambda: self.core.replay, path, reactor)
             self.replay_store.setServiceParent(self)

@@ -18,8 +18,16 @@ from twisted.logger import Logger
 
 from mtproxy_tw.proxy.users import Registry
 from mtproxy_tw.services.state import StateDir
+from mtproxy_tw.shared.base import SharedState
 
-__all__ = ["SAVE_INTERVAL", "SWEEP_INTERVAL", "USAGE_FILE", "Cuttable", "UsageService"]
+__all__ = [
+    "SAVE_INTERVAL",
+    "SWEEP_INTERVAL",
+    "USAGE_FILE",
+    "Cuttable",
+    "UsageService",
+    "read_usage",
+]
 
 #: The usage's name in the state directory.
 USAGE_FILE = "usage.json"
@@ -56,6 +64,9 @@ class UsageService(TimerService):
     :param clients: ``(conn, user, bytes_total)`` of each live connection,
         asked afresh each time; each ``conn`` has ``cut(reason)``.
     :param state_dir: the state directory (or its path).
+    :param shared: where the usage is totalled across processes or hosts:
+        each tick adds what was counted here and takes the totals back.
+    :param saving: ``False`` in a worker (its parent keeps the file).
     """
 
     log = Logger()
@@ -68,8 +79,13 @@ class UsageService(TimerService):
         clock: Any = None,
         interval: float = SWEEP_INTERVAL,
         save_interval: float = SAVE_INTERVAL,
+        *,
+        shared: SharedState | None = None,
+        saving: bool = True,
     ) -> None:
         super().__init__(interval, self.tick)
+        self.shared = shared
+        self.saving = saving
         self.clock = clock
         self.registry = registry
         self.clients = clients
@@ -96,6 +112,7 @@ class UsageService(TimerService):
         stopped: Deferred[None] = super().stopService()
         # Count what moved since the last tick; nobody is cut on the way out.
         self.registry.sweep(self._now(), self._live())
+        self._share()
         self.save()
         return stopped
 
@@ -107,7 +124,9 @@ class UsageService(TimerService):
         Count, cut, and save when it is time.
         """
         now = self._now()
-        for conn, reason in self.registry.sweep(now, self._live()):
+        cuts = self.registry.sweep(now, self._live())
+        self._share()
+        for conn, reason in cuts:
             # sweep hands back the very objects it was given.
             try:
                 cast(Cuttable, conn).cut(reason)
@@ -116,6 +135,13 @@ class UsageService(TimerService):
         if self._last_save is None or now - self._last_save >= self.save_interval:
             self._last_save = now
             self.save()
+
+    def _share(self) -> None:
+        if self.shared is None:
+            return
+        d = self.shared.add_usage(self.registry.take_unsent())
+        d.addCallback(self.registry.restore)
+        d.addErrback(lambda f: self.log.failure("adding up the users' usage", f))
 
     def load(self) -> None:
         """
@@ -150,6 +176,8 @@ class UsageService(TimerService):
         """
         Write the usage, unless it is what the file already holds.
         """
+        if not self.saving:
+            return
         usage = self.registry.usage_snapshot()
         if usage == self._saved:
             return
@@ -174,6 +202,19 @@ class UsageService(TimerService):
             self.log.info("users' usage saved to {path} again", path=str(self.path))
         self._failing = False
         self._saved = usage
+
+
+def read_usage(state_dir: Path) -> dict[str, int]:
+    """
+    The usage saved in ``state_dir``; empty when there is none or it cannot
+    be read (the service that loads it says why).
+    """
+    try:
+        with (state_dir / USAGE_FILE).open("rb") as f:
+            data = f.read(_MAX_FILE + 1)
+    except OSError:
+        return {}
+    return (_decode(data) if len(data) <= _MAX_FILE else None) or {}
 
 
 def _decode(data: bytes) -> dict[str, int] | None:

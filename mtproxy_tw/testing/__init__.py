@@ -19,6 +19,8 @@ Test doubles for the proxy, shipped with the package.
   own ``testProxy`` through the proxy.
 - :mod:`~mtproxy_tw.testing.memory` (imported on its own): the proxy, its
   clients and these doubles connected in memory, on a ``MemoryReactorClock``.
+- :mod:`~mtproxy_tw.testing.redisserver` (imported on its own):
+  :class:`RedisServer`, a real ``redis-server`` on a loopback port.
 
 Typical use in a trial test::
 

@@ -1,0 +1,369 @@
+"""
+``--workers N`` with real processes on loopback: connections spread over
+the workers, and what must hold across the proxy holds across them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import reactor as _reactor
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import deferLater
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+
+from mtproxy_tw.testing import FakeDC, connect_client
+from mtproxy_tw.testing.clients import ObfuscatedClient, connect_raw
+from mtproxy_tw.wire.obfuscated2 import TAG_PADDED, generate_init
+from mtproxy_tw.wire.secrets import parse_secret
+
+reactor: Any = _reactor
+ALICE = parse_secret("alice=dd" + "5a" * 16, "x")
+BOB = parse_secret("bob=dd" + "6b" * 16, "x")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def children(pid: int) -> list[int]:
+    """
+    The child processes of ``pid``, from /proc.
+    """
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[1]) == pid:
+            found.append(int(entry))
+    return sorted(found)
+
+
+def socket_owners(pids: list[int], server_port: int) -> dict[int, int]:
+    """
+    Which of ``pids`` holds the proxy's end of each loopback connection to
+    ``server_port``: client port -> pid.
+    """
+    inodes: dict[str, int] = {}
+    for pid in pids:
+        try:
+            names = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for name in names:
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{name}")
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                inodes[link[8:-1]] = pid
+    owners = {}
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        parts = line.split()
+        local, remote, inode = parts[1], parts[2], parts[9]
+        if int(local.split(":")[1], 16) == server_port and inode in inodes:
+            owners[int(remote.split(":")[1], 16)] = inodes[inode]
+    return owners
+
+
+class Tree(ProcessProtocol):
+    def __init__(self) -> None:
+        self.output = b""
+        self.ended: Deferred[tuple[int | None, int | None]] = Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Failure) -> None:
+        value = reason.value
+        assert isinstance(value, ProcessDone | ProcessTerminated)
+        self.ended.callback((value.exitCode, value.signal))
+
+    @property
+    def log(self) -> str:
+        return self.output.decode(errors="replace")
+
+
+class _WorkersCase(TestCase):
+    timeout = 120
+
+    def setUp(self) -> None:
+        self.fake = FakeDC(reactor)
+        dc = reactor.listenTCP(0, self.fake, interface="127.0.0.1")
+        self.addCleanup(dc.stopListening)
+        self.dc_port = dc.getHost().port
+        self.state = Path(self.mktemp())
+        self.state.mkdir()
+
+    async def start(self, *extra: str, config: str = "") -> tuple[Any, Tree, int]:
+        port = free_port()
+        args = [
+            "--listen",
+            f"tcp:{port}:interface=127.0.0.1",
+            "--workers",
+            "2",
+            "--dc",
+            f"2=127.0.0.1:{self.dc_port}",
+            "--state-dir",
+            str(self.state),
+            "--public-host",
+            "proxy.example",
+            "--drain-timeout",
+            "1",
+            "--stats-interval",
+            "0",
+            *extra,
+        ]
+        if config:
+            path = self.state / "proxy.toml"
+            path.write_text(config)
+            args += ["--config", str(path)]
+        elif "--secrets-file" not in extra:
+            args += ["--secret", f"alice={ALICE.hex()}"]
+        tree = Tree()
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        process = reactor.spawnProcess(
+            tree,
+            sys.executable,
+            [sys.executable, "-m", "twisted", "--log-format", "text", "mtproxy", *args],
+            env=env,
+        )
+        self.addCleanup(self._end, process, tree)
+        await self.until(tree, lambda: len(re.findall(r"worker \d started", tree.log)) == 2)
+        await self.until(
+            tree, lambda: len(socket_owners_listening(children(process.pid), port)) >= 2
+        )
+        return process, tree, port
+
+    async def _end(self, process: Any, tree: Tree) -> None:
+        if tree.ended.called:
+            return
+        pids = children(process.pid)
+        os.kill(process.pid, signal.SIGKILL)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        await tree.ended
+
+    async def until(self, tree: Tree, condition: Any, seconds: float = 30) -> None:
+        deadline = reactor.seconds() + seconds
+        while not condition():
+            if tree.ended.called or reactor.seconds() > deadline:
+                self.fail(f"gave up waiting; the proxy said:\n{tree.log}")
+            await deferLater(reactor, 0.05, lambda: None)
+
+    def track(self, client: Any) -> Any:
+        """
+        Close ``client`` at the end of the test, whatever happened.
+        """
+
+        def close() -> Any:
+            if client.lost.called:
+                return None
+            client.transport.abortConnection()
+            return client.lost
+
+        self.addCleanup(close)
+        return client
+
+    async def echo(self, client: ObfuscatedClient) -> bool:
+        payload = b"\x01" + os.urandom(99)
+        try:
+            answer = await client.request(payload).addTimeout(5, reactor)
+        except Exception:
+            return False
+        return bool(answer == payload)
+
+
+class WorkersTests(_WorkersCase):
+    async def _spread(self) -> None:
+        process, tree, port = await self.start()
+        workers = children(process.pid)
+        self.assertEqual(len(workers), 2, tree.log)
+        clients = [
+            self.track(await connect_client(reactor, "127.0.0.1", port, ALICE)) for _ in range(60)
+        ]
+        for client in clients:
+            self.assertTrue(await self.echo(client))
+        owners = socket_owners(workers, port)
+        served = [owners.get(c.transport.getHost().port) for c in clients]
+        self.assertNotIn(None, served)
+        for pid in workers:
+            share = served.count(pid) / len(served)
+            self.assertTrue(0.2 <= share <= 0.8, f"worker {pid} took {share:.0%}")
+        for client in clients:
+            client.transport.loseConnection()
+        # SIGTERM: every worker drains and the tree ends.
+        process.signalProcess("TERM")
+        code, sig = await tree.ended.addTimeout(20, reactor)
+        self.assertIn((code, sig), [(0, None), (None, signal.SIGTERM)], tree.log)
+        for pid in workers:
+            self.assertFalse(Path(f"/proc/{pid}").exists() and _alive(pid), tree.log)
+        self.assertNotIn("Traceback", tree.log)
+        self.assertEqual(len(re.findall(r"Main loop terminated", tree.log)), 3, tree.log)
+
+    def test_connections_spread_and_sigterm_stops_all(self) -> Deferred[None]:
+        return ensureDeferred(self._spread())
+
+
+class SharedAcrossWorkersTests(_WorkersCase):
+    async def spread_clients(
+        self, process: Any, port: int, count: int, make: Any
+    ) -> list[tuple[Any, int]]:
+        """
+        Connect until both workers hold some of ``count`` connections.
+        """
+        workers = children(process.pid)
+        held: list[tuple[Any, int]] = []
+        for _ in range(200):
+            client = self.track(await make())
+            local = client.transport.getHost().port
+            owner = socket_owners(workers, port).get(local)
+            if owner is None and not client.lost.called:
+                await deferLater(reactor, 0.05, lambda: None)
+                owner = socket_owners(workers, port).get(local)
+            held.append((client, owner))
+            if len(held) >= count and len({o for _, o in held} - {None}) == 2:
+                break
+        self.assertEqual(len({o for _, o in held} - {None}), 2, "never reached the second worker")
+        return held
+
+    async def _replay(self) -> None:
+        process, tree, port = await self.start("--no-mask")
+        first = generate_init(TAG_PADDED, 2, secret=ALICE.key)
+        held = await self.spread_clients(
+            process, port, 8, lambda: connect_raw(reactor, "127.0.0.1", port)
+        )
+        for client, _ in held:
+            client.write(first.wire)
+        # Exactly one of them is let through, on whichever worker it was:
+        # the others are replays, closed, whatever worker they reached.
+        await self.until(tree, lambda: sum(c.lost.called for c, _ in held) >= len(held) - 1)
+        await deferLater(reactor, 0.5, lambda: None)
+        open_ones = [c for c, _ in held if not c.lost.called]
+        self.assertEqual(len(open_ones), 1, tree.log)
+
+    def test_replay_to_another_worker_is_caught(self) -> Deferred[None]:
+        return ensureDeferred(self._replay())
+
+    async def _user_limit(self) -> None:
+        config = f'[users.alice]\nsecret = "{ALICE.hex()}"\nmax_connections = 3\n'
+        process, tree, port = await self.start("--no-mask", config=config)
+        held = await self.spread_clients(
+            process, port, 6, lambda: connect_client(reactor, "127.0.0.1", port, ALICE)
+        )
+        answered = [await self.echo(client) for client, _ in held]
+        self.assertEqual(answered.count(True), 3, tree.log)
+        # One let go: its slot is free again, whichever worker takes the next.
+        winner = next(c for (c, _), ok in zip(held, answered, strict=True) if ok)
+        winner.transport.loseConnection()
+        await winner.lost
+        await deferLater(reactor, 0.3, lambda: None)
+        again = self.track(await connect_client(reactor, "127.0.0.1", port, ALICE))
+        self.assertTrue(await self.echo(again), tree.log)
+        late = self.track(await connect_client(reactor, "127.0.0.1", port, ALICE))
+        self.assertFalse(await self.echo(late), tree.log)
+        self.assertIn("refused alice", tree.log)
+
+    def test_user_connection_limit_holds_across_workers(self) -> Deferred[None]:
+        return ensureDeferred(self._user_limit())
+
+    async def _restart(self) -> None:
+        process, tree, port = await self.start()
+        workers = children(process.pid)
+        held = await self.spread_clients(
+            process, port, 2, lambda: connect_client(reactor, "127.0.0.1", port, ALICE)
+        )
+        victim = held[0][1]
+        survivors = [c for c, owner in held if owner != victim]
+        os.kill(victim, signal.SIGKILL)
+        await self.until(tree, lambda: "was killed by signal 9" in tree.log)
+        await self.until(
+            tree,
+            lambda: len(children(process.pid)) == 2 and victim not in children(process.pid),
+        )
+        await self.until(tree, lambda: len(re.findall(r"worker \d started", tree.log)) == 3)
+        # The other worker's clients never noticed.
+        for client in survivors:
+            self.assertTrue(await self.echo(client), tree.log)
+        self.assertEqual(len(set(children(process.pid)) & set(workers)), 1)
+        # And the new worker serves.
+        await self.until(
+            tree, lambda: len(socket_owners_listening(children(process.pid), port)) == 2
+        )
+        fresh = [
+            self.track(await connect_client(reactor, "127.0.0.1", port, ALICE)) for _ in range(10)
+        ]
+        for client in fresh:
+            self.assertTrue(await self.echo(client), tree.log)
+
+    def test_a_killed_worker_is_started_again(self) -> Deferred[None]:
+        return ensureDeferred(self._restart())
+
+    async def _sighup(self) -> None:
+        secrets = self.state / "secrets"
+        secrets.write_text(f"alice={ALICE.hex()}\n")
+        process, tree, port = await self.start("--secrets-file", str(secrets))
+        secrets.write_text(f"alice={ALICE.hex()}\nbob={BOB.hex()}\n")
+        process.signalProcess("HUP")
+        await self.until(tree, lambda: tree.log.count("bob: tg://proxy") >= 1)
+        await self.until(tree, lambda: "SIGHUP: reloading 2 workers" in tree.log)
+        await deferLater(reactor, 1.0, lambda: None)
+        held = await self.spread_clients(
+            process, port, 6, lambda: connect_client(reactor, "127.0.0.1", port, BOB)
+        )
+        for client, _ in held:
+            self.assertTrue(await self.echo(client), tree.log)
+
+    def test_sighup_reloads_every_worker(self) -> Deferred[None]:
+        return ensureDeferred(self._sighup())
+
+
+def socket_owners_listening(pids: list[int], port: int) -> list[int]:
+    """
+    Those of ``pids`` holding a socket listening on ``port``.
+    """
+    listening = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        parts = line.split()
+        if int(parts[1].split(":")[1], 16) == port and parts[3] == "0A":
+            listening.add(parts[9])
+    found = []
+    for pid in pids:
+        try:
+            for name in os.listdir(f"/proc/{pid}/fd"):
+                link = os.readlink(f"/proc/{pid}/fd/{name}")
+                if link.startswith("socket:[") and link[8:-1] in listening:
+                    found.append(pid)
+                    break
+        except OSError:
+            continue
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
