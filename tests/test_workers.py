@@ -172,6 +172,27 @@ class _WorkersCase(TestCase):
                 self.fail(f"gave up waiting; the proxy said:\n{tree.log}")
             await deferLater(reactor, 0.05, lambda: None)
 
+    async def spread_clients(
+        self, process: Any, port: int, count: int, make: Any
+    ) -> list[tuple[Any, int]]:
+        """
+        Connect until both workers hold some of ``count`` connections.
+        """
+        workers = children(process.pid)
+        held: list[tuple[Any, int]] = []
+        for _ in range(200):
+            client = self.track(await make())
+            local = client.transport.getHost().port
+            owner = socket_owners(workers, port).get(local)
+            if owner is None and not client.lost.called:
+                await deferLater(reactor, 0.05, lambda: None)
+                owner = socket_owners(workers, port).get(local)
+            held.append((client, owner))
+            if len(held) >= count and len({o for _, o in held} - {None}) == 2:
+                break
+        self.assertEqual(len({o for _, o in held} - {None}), 2, "never reached the second worker")
+        return held
+
     def track(self, client: Any) -> Any:
         """
         Close ``client`` at the end of the test, whatever happened.
@@ -227,27 +248,6 @@ class WorkersTests(_WorkersCase):
 
 
 class SharedAcrossWorkersTests(_WorkersCase):
-    async def spread_clients(
-        self, process: Any, port: int, count: int, make: Any
-    ) -> list[tuple[Any, int]]:
-        """
-        Connect until both workers hold some of ``count`` connections.
-        """
-        workers = children(process.pid)
-        held: list[tuple[Any, int]] = []
-        for _ in range(200):
-            client = self.track(await make())
-            local = client.transport.getHost().port
-            owner = socket_owners(workers, port).get(local)
-            if owner is None and not client.lost.called:
-                await deferLater(reactor, 0.05, lambda: None)
-                owner = socket_owners(workers, port).get(local)
-            held.append((client, owner))
-            if len(held) >= count and len({o for _, o in held} - {None}) == 2:
-                break
-        self.assertEqual(len({o for _, o in held} - {None}), 2, "never reached the second worker")
-        return held
-
     async def _replay(self) -> None:
         process, tree, port = await self.start("--no-mask")
         first = generate_init(TAG_PADDED, 2, secret=ALICE.key)
@@ -337,6 +337,74 @@ class SharedAcrossWorkersTests(_WorkersCase):
 
     def test_sighup_reloads_every_worker(self) -> Deferred[None]:
         return ensureDeferred(self._sighup())
+
+
+class MetricsAcrossWorkersTests(_WorkersCase):
+    async def _metrics(self) -> None:
+        import treq
+
+        metrics_port = free_port()
+        process, tree, port = await self.start(
+            "--metrics", f"tcp:{metrics_port}:interface=127.0.0.1"
+        )
+        workers = children(process.pid)
+        clients = [
+            self.track(await connect_client(reactor, "127.0.0.1", port, ALICE)) for _ in range(30)
+        ]
+        for client in clients:
+            self.assertTrue(await self.echo(client))
+        owners = socket_owners(workers, port)
+        self.assertEqual(len(set(owners.values())), 2, "one worker took every connection")
+        url = f"http://127.0.0.1:{metrics_port}/metrics"
+        text = (
+            await (await treq.get(url, persistent=False).addTimeout(10, reactor)).text()
+        ).splitlines()
+        self.assertIn("mtproxy_workers_answering 2.0", text)
+        accepted = [line for line in text if line.startswith("mtproxy_accepted_total{")]
+        self.assertEqual(accepted, ['mtproxy_accepted_total{user="alice"} 30.0'], text)
+
+    def test_one_scrape_sums_every_worker(self) -> Deferred[None]:
+        return ensureDeferred(self._metrics())
+
+
+class MiddleAcrossWorkersTests(_WorkersCase):
+    async def _middle(self) -> None:
+        from mtproxy_tw.middle.telegramconfig import DEFAULT_PROXY_SECRET
+        from mtproxy_tw.testing.fakeconfig import FakeConfigServer, config_text
+        from mtproxy_tw.testing.fakemiddle import FakeMiddleProxy
+
+        me = FakeMiddleProxy(DEFAULT_PROXY_SECRET, reactor)
+        me_port = reactor.listenTCP(0, me, interface="127.0.0.1")
+        self.addCleanup(me_port.stopListening)
+        body = config_text({dc: [("127.0.0.1", me_port.getHost().port)] for dc in (2, -2, 4)})
+        site = FakeConfigServer(reactor, config_v4=body, config_v6=body)
+        site_port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.addCleanup(site_port.stopListening)
+        self.addCleanup(site.idle)
+        url = site.url(site_port.getHost().port, "")
+        process, tree, port = await self.start(
+            "--ad-tag",
+            "ab" * 16,
+            "--proxy-config-url",
+            url + "getProxyConfig",
+            "--proxy-config-v6-url",
+            url + "getProxyConfigV6",
+            "--proxy-secret-url",
+            url + "getProxySecret",
+            "--ip-lookup-url",
+            url + "ip",
+        )
+        held = await self.spread_clients(
+            process, port, 6, lambda: connect_client(reactor, "127.0.0.1", port, ALICE)
+        )
+        for client, _ in held:
+            self.assertTrue(await self.echo(client), tree.log)
+        # Downloaded once, by the parent, for both workers.
+        self.assertEqual(site.requests["/getProxyConfig"], 1, tree.log)
+        self.assertEqual(site.requests["/getProxySecret"], 1, tree.log)
+
+    def test_telegram_config_is_fetched_once_for_every_worker(self) -> Deferred[None]:
+        return ensureDeferred(self._middle())
 
 
 def socket_owners_listening(pids: list[int], port: int) -> list[int]:
