@@ -7,6 +7,7 @@ of a fleet (``--shared-state``).
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -33,12 +34,24 @@ __all__ = ["SharedStateService", "build_parent", "fleet_state", "host_id"]
 log = Logger()
 
 
-def host_id() -> str:
+def host_id(state_dir: Path) -> str:
     """
-    This process's name in a fleet: its host and pid (a restarted proxy is
-    a new member; what the old one held expires with its heartbeat).
+    This host's name in a fleet: the host name and an id kept in the state
+    directory, so a restarted proxy takes back its own place (and two
+    proxies with state directories of their own on one machine are two).
     """
-    return f"{socket.gethostname()}:{os.getpid()}"
+    path = state_dir / "host-id"
+    try:
+        kept = path.read_text("ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        kept = ""
+    if not kept.isalnum():
+        kept = secrets.token_hex(4)
+        try:
+            path.write_text(kept + "\n", "ascii")
+        except OSError as e:
+            log.warn("cannot keep the fleet host id in {path}: {e}", path=str(path), e=e)
+    return f"{socket.gethostname()}-{kept}"
 
 
 class SharedStateService(Service):
@@ -59,15 +72,18 @@ class SharedStateService(Service):
         return stopped
 
 
-def fleet_state(reactor: Any, url: RedisURL, local: LocalState) -> tuple[SharedState, IService]:
+def fleet_state(
+    reactor: Any, url: RedisURL, local: LocalState, state_dir: Path
+) -> tuple[SharedState, IService]:
     """
     The shared state of a fleet on Redis at ``url``, falling back on
     ``local`` while Redis is away, and the service that connects it.
     """
     from mtproxy_tw.shared.redis import RedisState
 
-    state = RedisState(reactor, url, host_id(), local)
-    log.info("shared state: {url} (this host: {host})", url=str(url), host=host_id())
+    host = host_id(state_dir)
+    state = RedisState(reactor, url, host, local)
+    log.info("shared state: {url} (this host: {host})", url=str(url), host=host)
     return state, SharedStateService(state)
 
 
@@ -90,7 +106,7 @@ def build_parent(
     local = LocalState(replay, usage=read_usage(state_path))
     shared: SharedState = local
     if options["shared-state"] is not None:
-        shared, connector = fleet_state(reactor, options["shared-state"], local)
+        shared, connector = fleet_state(reactor, options["shared-state"], local, state_path)
         connector.setServiceParent(top)
     ReplayStore(lambda: replay, state_path / REPLAY_FILE, reactor).setServiceParent(top)
     pool = WorkerPool(

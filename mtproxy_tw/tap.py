@@ -325,7 +325,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         WorkerChannel(reactor, remote, spec.index).setServiceParent(top)
     elif options["shared-state"] is not None:
         state_of_fleet, connector = fleet_state(
-            reactor, options["shared-state"], cast(LocalState, proxy.core.shared)
+            reactor, options["shared-state"], cast(LocalState, proxy.core.shared), state.path
         )
         proxy.core.shared = state_of_fleet
         connector.setServiceParent(top)

@@ -5,102 +5,32 @@ the workers, and what must hold across the proxy holds across them.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import signal
-import socket
-import sys
 from pathlib import Path
 from typing import Any
 
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.error import ProcessDone, ProcessTerminated
-from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
-from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from mtproxy_tw.testing import FakeDC, connect_client
 from mtproxy_tw.testing.clients import ObfuscatedClient, connect_raw
+from mtproxy_tw.testing.proxyprocess import (
+    ProxyProcess,
+    children,
+    free_port,
+    listening_pids,
+    socket_owners,
+)
 from mtproxy_tw.wire.obfuscated2 import TAG_PADDED, generate_init
 from mtproxy_tw.wire.secrets import parse_secret
 
 reactor: Any = _reactor
 ALICE = parse_secret("alice=dd" + "5a" * 16, "x")
 BOB = parse_secret("bob=dd" + "6b" * 16, "x")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def children(pid: int) -> list[int]:
-    """
-    The child processes of ``pid``, from /proc.
-    """
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if int(fields[1]) == pid:
-            found.append(int(entry))
-    return sorted(found)
-
-
-def socket_owners(pids: list[int], server_port: int) -> dict[int, int]:
-    """
-    Which of ``pids`` holds the proxy's end of each loopback connection to
-    ``server_port``: client port -> pid.
-    """
-    inodes: dict[str, int] = {}
-    for pid in pids:
-        try:
-            names = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for name in names:
-            try:
-                link = os.readlink(f"/proc/{pid}/fd/{name}")
-            except OSError:
-                continue
-            if link.startswith("socket:["):
-                inodes[link[8:-1]] = pid
-    owners = {}
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        parts = line.split()
-        local, remote, inode = parts[1], parts[2], parts[9]
-        if int(local.split(":")[1], 16) == server_port and inode in inodes:
-            owners[int(remote.split(":")[1], 16)] = inodes[inode]
-    return owners
-
-
-class Tree(ProcessProtocol):
-    def __init__(self) -> None:
-        self.output = b""
-        self.ended: Deferred[tuple[int | None, int | None]] = Deferred()
-
-    def outReceived(self, data: bytes) -> None:
-        self.output += data
-
-    errReceived = outReceived
-
-    def processEnded(self, reason: Failure) -> None:
-        value = reason.value
-        assert isinstance(value, ProcessDone | ProcessTerminated)
-        self.ended.callback((value.exitCode, value.signal))
-
-    @property
-    def log(self) -> str:
-        return self.output.decode(errors="replace")
 
 
 class _WorkersCase(TestCase):
@@ -114,7 +44,7 @@ class _WorkersCase(TestCase):
         self.state = Path(self.mktemp())
         self.state.mkdir()
 
-    async def start(self, *extra: str, config: str = "") -> tuple[Any, Tree, int]:
+    async def start(self, *extra: str, config: str = "") -> tuple[Any, ProxyProcess, int]:
         port = free_port()
         args = [
             "--listen",
@@ -139,38 +69,17 @@ class _WorkersCase(TestCase):
             args += ["--config", str(path)]
         elif "--secrets-file" not in extra:
             args += ["--secret", f"alice={ALICE.hex()}"]
-        tree = Tree()
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-        process = reactor.spawnProcess(
-            tree,
-            sys.executable,
-            [sys.executable, "-m", "twisted", "--log-format", "text", "mtproxy", *args],
-            env=env,
-        )
-        self.addCleanup(self._end, process, tree)
-        await self.until(tree, lambda: len(re.findall(r"worker \d started", tree.log)) == 2)
-        await self.until(
-            tree, lambda: len(socket_owners_listening(children(process.pid), port)) >= 2
-        )
-        return process, tree, port
+        tree = ProxyProcess(reactor, args)
+        self.addCleanup(tree.kill)
+        await tree.until(lambda: len(re.findall(r"worker \d started", tree.log)) == 2)
+        await tree.until(lambda: len(listening_pids(tree.children(), port)) == 2)
+        return tree.process, tree, port
 
-    async def _end(self, process: Any, tree: Tree) -> None:
-        if tree.ended.called:
-            return
-        pids = children(process.pid)
-        os.kill(process.pid, signal.SIGKILL)
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        await tree.ended
-
-    async def until(self, tree: Tree, condition: Any, seconds: float = 30) -> None:
-        deadline = reactor.seconds() + seconds
-        while not condition():
-            if tree.ended.called or reactor.seconds() > deadline:
-                self.fail(f"gave up waiting; the proxy said:\n{tree.log}")
-            await deferLater(reactor, 0.05, lambda: None)
+    async def until(self, tree: ProxyProcess, condition: Any, seconds: float = 30) -> None:
+        try:
+            await tree.until(condition, seconds)
+        except AssertionError as e:
+            self.fail(str(e))
 
     async def spread_clients(
         self, process: Any, port: int, count: int, make: Any
@@ -239,7 +148,7 @@ class WorkersTests(_WorkersCase):
         code, sig = await tree.ended.addTimeout(20, reactor)
         self.assertIn((code, sig), [(0, None), (None, signal.SIGTERM)], tree.log)
         for pid in workers:
-            self.assertFalse(Path(f"/proc/{pid}").exists() and _alive(pid), tree.log)
+            self.assertFalse(Path(f"/proc/{pid}").exists(), tree.log)
         self.assertNotIn("Traceback", tree.log)
         self.assertEqual(len(re.findall(r"Main loop terminated", tree.log)), 3, tree.log)
 
@@ -308,9 +217,7 @@ class SharedAcrossWorkersTests(_WorkersCase):
             self.assertTrue(await self.echo(client), tree.log)
         self.assertEqual(len(set(children(process.pid)) & set(workers)), 1)
         # And the new worker serves.
-        await self.until(
-            tree, lambda: len(socket_owners_listening(children(process.pid), port)) == 2
-        )
+        await self.until(tree, lambda: len(listening_pids(children(process.pid), port)) == 2)
         fresh = [
             self.track(await connect_client(reactor, "127.0.0.1", port, ALICE)) for _ in range(10)
         ]
@@ -344,7 +251,7 @@ class MetricsAcrossWorkersTests(_WorkersCase):
         import treq
 
         metrics_port = free_port()
-        process, tree, port = await self.start(
+        process, _tree, port = await self.start(
             "--metrics", f"tcp:{metrics_port}:interface=127.0.0.1"
         )
         workers = children(process.pid)
@@ -405,33 +312,3 @@ class MiddleAcrossWorkersTests(_WorkersCase):
 
     def test_telegram_config_is_fetched_once_for_every_worker(self) -> Deferred[None]:
         return ensureDeferred(self._middle())
-
-
-def socket_owners_listening(pids: list[int], port: int) -> list[int]:
-    """
-    Those of ``pids`` holding a socket listening on ``port``.
-    """
-    listening = set()
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        parts = line.split()
-        if int(parts[1].split(":")[1], 16) == port and parts[3] == "0A":
-            listening.add(parts[9])
-    found = []
-    for pid in pids:
-        try:
-            for name in os.listdir(f"/proc/{pid}/fd"):
-                link = os.readlink(f"/proc/{pid}/fd/{name}")
-                if link.startswith("socket:[") and link[8:-1] in listening:
-                    found.append(pid)
-                    break
-        except OSError:
-            continue
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
