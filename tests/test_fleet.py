@@ -117,9 +117,7 @@ class FleetTests(TestCase):
         return ensureDeferred(self._replay())
 
     async def _limits(self) -> None:
-        config = (
-            f'[users.alice]\nsecret = "{ALICE.hex()}"\nmax_connections = 2\nquota = "100K"\n'
-        )
+        config = f'[users.alice]\nsecret = "{ALICE.hex()}"\nmax_connections = 2\nquota = "100K"\n'
         (a, a_port), (b, b_port) = await self.host(config), await self.host(config)
         on_a, on_b = await self.connect(a_port), await self.connect(b_port)
         self.assertTrue(await self.echo(on_a))

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from mtproxy_tw.proxy.handshake import Accept, Front, Handshake, NeedMore, Reject
+from mtproxy_tw.proxy.handshake import Accept, Consult, Front, Handshake, NeedMore, Reject
 from mtproxy_tw.settings import Settings
 from mtproxy_tw.wire import faketls
 from mtproxy_tw.wire.dcs import Address
@@ -217,3 +217,129 @@ class LimitTests(SynchronousTestCase):
         init = generate_init(TAG_ABRIDGED, 2, secret=DD.key)
         decision = machine(mask=True, mask_host=SITE).feed(init.wire, 0)
         self.assertEqual(decision, Front("transport-not-allowed", init.wire, SITE, user="alice"))
+
+
+def consulting(*secrets: object, **options: object) -> Handshake:
+    """
+    A machine without a replay store of its own: it asks (Consult).
+    """
+    policy = Settings(secrets=secrets or (DD,), **options)  # type: ignore[arg-type]
+    return Handshake(policy, None, size=lambda: 3000)
+
+
+class ConsultTests(SynchronousTestCase):
+    """
+    Without a replay store the machine asks the shared state, holding what
+    arrives meanwhile, and goes on whichever way the verdict goes.
+    """
+
+    def test_init_waits_for_the_verdict_and_keeps_what_came_meanwhile(self) -> None:
+        shake = consulting()
+        init = generate_init(TAG_PADDED, 2, secret=DD.key)
+        decision = shake.feed(init.wire + b"ab", 0)
+        self.assertEqual(decision, Consult(init.wire[8:56], DD))
+        self.assertTrue(shake.consulting)
+        self.assertEqual(shake.feed(b"cd", 0), NeedMore())
+        accepted = shake.resume(None)
+        assert isinstance(accepted, Accept)
+        self.assertEqual((accepted.secret, accepted.rest), (DD, b"abcd"))
+        self.assertFalse(shake.consulting)
+        self.assertRaises(RuntimeError, shake.resume, None)
+
+    def test_replay_and_limit_verdicts(self) -> None:
+        init = generate_init(TAG_PADDED, 2, secret=DD.key)
+        shake = consulting(mask=True, mask_host=SITE)
+        shake.feed(init.wire, 0)
+        shake.feed(b"more", 0)
+        self.assertEqual(shake.resume("replay"), Front("replay", init.wire + b"more", SITE))
+        shake = consulting()
+        shake.feed(init.wire, 0)
+        self.assertEqual(shake.resume("connections"), Reject("limit-connections", user="alice"))
+
+    def test_hello_then_init(self) -> None:
+        now = time.time()
+        shake = consulting(EE)
+        hello = faketls.build_client_hello(EE.key, "example.com", int(now))
+        decision = shake.feed(hello, now)
+        self.assertEqual(decision, Consult(b"tls:" + hello[11:43], EE))
+        answered = shake.resume(None)
+        assert isinstance(answered, NeedMore)
+        self.assertGreater(len(answered.reply), 3000)
+        init = generate_init(TAG_PADDED, 2, secret=EE.key)
+        self.assertIsInstance(shake.feed(faketls.wrap_records(init.wire), now), Consult)
+        # Records that arrive while consulting come out as plain bytes.
+        self.assertEqual(shake.feed(faketls.wrap_records(b"ping"), now), NeedMore())
+        accepted = shake.resume(None)
+        assert isinstance(accepted, Accept)
+        self.assertEqual((accepted.rest, accepted.reply), (b"ping", b""))
+
+    def test_hello_and_init_together_answer_the_flight_with_the_last_verdict(self) -> None:
+        now = time.time()
+        hello = faketls.build_client_hello(EE.key, "example.com", int(now))
+        init = generate_init(TAG_PADDED, 2, secret=EE.key)
+        shake = consulting(EE)
+        self.assertIsInstance(shake.feed(hello + faketls.wrap_records(init.wire), now), Consult)
+        second = shake.resume(None)
+        self.assertEqual(second, Consult(init.wire[8:56], EE))
+        accepted = shake.resume(None)
+        assert isinstance(accepted, Accept)
+        self.assertGreater(len(accepted.reply), 3000)
+        # A replayed init after the flight: closed with the flight sent.
+        shake = consulting(EE)
+        shake.feed(hello + faketls.wrap_records(init.wire), now)
+        shake.resume(None)
+        refused = shake.resume("replay")
+        assert isinstance(refused, Reject)
+        self.assertEqual(refused.reason, "replay")
+        self.assertGreater(len(refused.reply), 3000)
+
+    def test_replayed_hello_is_fronted_with_everything(self) -> None:
+        now = time.time()
+        hello = faketls.build_client_hello(EE.key, "example.com", int(now))
+        shake = consulting(EE, mask_host=SITE)
+        shake.feed(hello, now)
+        shake.feed(b"\x17\x03\x03", now)
+        self.assertEqual(
+            shake.resume("replay"), Front("tls-replay", hello + b"\x17\x03\x03", SITE)
+        )
+        shake = consulting(EE, mask_host=SITE)
+        shake.feed(hello, now)
+        refused = shake.resume("ips")
+        self.assertEqual(refused, Front("limit-ips", hello, SITE, "erin"))
+
+    def test_timeouts_while_consulting(self) -> None:
+        now = time.time()
+        hello = faketls.build_client_hello(EE.key, "example.com", int(now))
+        shake = consulting(EE, mask_host=SITE)
+        shake.feed(hello, now)
+        shake.feed(b"x", now)
+        self.assertEqual(shake.timed_out(), Front("handshake-timeout", hello + b"x", SITE))
+        shake = consulting(EE)
+        shake.feed(hello, now)
+        shake.resume(None)
+        init = generate_init(TAG_PADDED, 2, secret=EE.key)
+        shake.feed(faketls.wrap_records(init.wire), now)
+        self.assertEqual(shake.timed_out(), Reject("handshake-timeout"))
+
+    @settings(max_examples=200, deadline=None)
+    @given(
+        st.lists(st.binary(max_size=800), max_size=6),
+        st.booleans(),
+        st.lists(st.sampled_from([None, "replay", "connections"]), min_size=2, max_size=2),
+    )
+    def test_any_bytes_and_verdicts(
+        self, chunks: list[bytes], tls: bool, verdicts: list[str | None]
+    ) -> None:
+        now = time.time()
+        shake = consulting(DD, EE, mask_host=SITE)
+        valid = faketls.build_client_hello(EE.key, "example.com", int(now))
+        chunks = [valid, *chunks] if tls else chunks
+        answers = iter(verdicts)
+        for chunk in chunks:
+            decision = shake.feed(chunk, now)
+            while isinstance(decision, Consult):
+                decision = shake.resume(next(answers, None))
+            self.assertLessEqual(shake.buffered, 17000 + 64 + len(chunk) + len(valid))
+            if not isinstance(decision, NeedMore):
+                return
+        self.assertIsInstance(shake.timed_out(), (Front, Reject))

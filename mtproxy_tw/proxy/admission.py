@@ -36,6 +36,7 @@ class Admission:
     log = Logger()
 
     __slots__ = (
+        "_asking",
         "address",
         "claimed",
         "conn",
@@ -51,6 +52,8 @@ class Admission:
         self.holder = core.holder()
         #: Whether the shared state holds claims of this connection.
         self.claimed = False
+        #: Claims asked for and not answered yet.
+        self._asking = 0
         users = core.users
         #: The limit that refuses this connection whatever it sends.
         self.refused: str | None = None
@@ -81,7 +84,16 @@ class Admission:
     def _claim(self, claims: list[Claim]) -> Deferred[str | None]:
         self.claimed = True
         shared: SharedState = self.core.shared
-        return shared.acquire(self.holder, claims)
+        self._asking += 1
+        answer = shared.acquire(self.holder, claims)
+
+        def answered(result: object) -> object:
+            self._asking -= 1
+            if not self.claimed and not self._asking:  # closed meanwhile
+                shared.release(self.holder)
+            return result
+
+        return answer.addBoth(answered)  # type: ignore[return-value]
 
     def admit(self, secret: Secret) -> str | None:
         """
@@ -172,4 +184,5 @@ class Admission:
             users.detach(self.conn, bytes_total)
         if self.claimed:
             self.claimed = False
-            self.core.shared.release(self.holder)
+            if not self._asking:  # else once the last answer is in
+                self.core.shared.release(self.holder)

@@ -207,7 +207,10 @@ class ClientProtocol(Protocol):
         if isinstance(decision, Consult):
             assert self._admission is not None
             consulted = self._admission.consult(decision.key, decision.secret)
-            consulted.addCallback(self._consulted).addErrback(self._shared_failed)
+            paused = not consulted.called
+            if paused:  # nothing more is read until the answer: bounded
+                self.transport.pauseProducing()
+            consulted.addCallback(self._consulted, paused).addErrback(self._shared_failed)
             return
         reply = getattr(decision, "reply", b"")
         if reply:
@@ -237,9 +240,11 @@ class ClientProtocol(Protocol):
             self._drop_shadow()
             self.reject(decision.reason)
 
-    def _consulted(self, verdict: str | None) -> None:
+    def _consulted(self, verdict: str | None, paused: bool) -> None:
         handshake = self.handshake
         if handshake is not None and handshake.consulting and self.state is State.HANDSHAKING:
+            if paused:  # before deciding: what follows may pause it again
+                self.transport.resumeProducing()
             self._decided(handshake.resume(verdict))
 
     # -- the shadow connection to the mask host

@@ -1,0 +1,151 @@
+"""
+The client protocol with a shared state that answers later (workers, a
+fleet): nothing is read while it counts, its answers decide, and every
+claim is given back however the connection ends.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.trial.unittest import SynchronousTestCase
+
+from mtproxy_tw.config.users import Limits, UserSpec
+from mtproxy_tw.proxy.users import Registry
+from mtproxy_tw.settings import Settings
+from mtproxy_tw.shared.base import Claim
+from mtproxy_tw.shared.local import Counters
+from mtproxy_tw.testing import FakeDC
+from mtproxy_tw.testing.memory import MemoryProxy
+from mtproxy_tw.wire.secrets import parse_secret
+
+DD = parse_secret("alice=dd" + "a7" * 16, "x")
+
+
+class SlowState:
+    """
+    A distributed state whose every answer waits for the test.
+    """
+
+    distributed = True
+
+    def __init__(self) -> None:
+        self.counters = Counters()
+        self.keys: set[bytes] = set()
+        self.waiting: list[tuple[str, Deferred[object], object]] = []
+        self.released: list[str] = []
+
+    def seen(self, key: bytes) -> Deferred[bool]:
+        d: Deferred[bool] = Deferred()
+        self.waiting.append(("seen", d, key))  # type: ignore[arg-type]
+        return d
+
+    def acquire(self, holder: str, claims: Sequence[Claim]) -> Deferred[str | None]:
+        d: Deferred[str | None] = Deferred()
+        self.waiting.append(("acquire", d, (holder, claims)))  # type: ignore[arg-type]
+        return d
+
+    def release(self, holder: str) -> None:
+        self.released.append(holder)
+        self.counters.release(holder)
+
+    def add_usage(self, deltas: Mapping[str, int]) -> Deferred[dict[str, int]]:
+        return succeed({})
+
+    def answer_all(self) -> list[str]:
+        """
+        Answer everything asked so far, as one process would; the kinds asked.
+        """
+        asked = []
+        while self.waiting:
+            kind, d, what = self.waiting.pop(0)
+            asked.append(kind)
+            if kind == "seen":
+                key = what
+                assert isinstance(key, bytes)
+                d.callback(key in self.keys)
+                self.keys.add(key)
+            else:
+                holder, claims = what  # type: ignore[misc]
+                d.callback(self.counters.acquire(holder, claims))
+        return asked
+
+
+class SlowStateTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.proxy = MemoryProxy(Settings(secrets=(DD,), max_connections=10))
+        self.state = SlowState()
+        self.proxy.core.shared = self.state
+        users = (UserSpec("alice", (DD,), max_connections=2, max_ips=1),)
+        self.proxy.core.users = Registry(users, Limits(max_connections_per_ip=5))
+        self.dc = FakeDC(self.proxy.reactor)
+        self.proxy.serve_dc(2, self.dc)
+
+    def test_claims_then_consults_then_relays(self) -> None:
+        client = self.proxy.connect_client(DD, dc=2)
+        answer = client.request(b"\x01" + os.urandom(99))
+        self.proxy.flush()
+        # Counting the connection (its address, the cap): nothing read yet.
+        self.assertEqual(self.state.answer_all(), ["acquire"])
+        self.proxy.flush()
+        # Not seen before: the user's claims follow at once.
+        self.assertEqual(self.state.answer_all(), ["seen", "acquire"])
+        self.proxy.flush()
+        self.assertEqual(len(self.successResultOf(answer)), 100)
+        counts = self.state.counters.snapshot()
+        self.assertEqual(counts["global"], 1)
+        self.assertEqual(counts["user:alice"], 1)
+        self.assertEqual(counts["ips:alice"], 1)
+        client.transport.loseConnection()
+        self.proxy.flush()
+        self.assertEqual(self.state.counters.snapshot(), {})
+
+    def test_a_replay_from_another_process_is_refused(self) -> None:
+        first = self.proxy.connect_client(DD, dc=2)
+        for _ in range(4):
+            self.proxy.flush()
+            self.state.answer_all()
+        self.proxy.flush()
+        # The same init again, as another process's client sent it.
+        self.state.keys.add(first.init.wire[8:56])
+        again = self.proxy.connect_client(DD, dc=2, init=first.init)
+        for _ in range(4):
+            self.proxy.flush()
+            self.state.answer_all()
+        self.proxy.flush()
+        self.assertTrue(again.lost.called)
+        stats = self.proxy.core.stats
+        self.assertEqual(stats.rejected["replay"] + stats.fronted["replay"], 1)
+
+    def test_the_user_limit_elsewhere_refuses(self) -> None:
+        for other in ("elsewhere", "and-elsewhere"):
+            self.state.counters.take(other, [Claim("connections", "user:alice", 2)])
+        client = self.proxy.connect_client(DD, dc=2)
+        for _ in range(4):
+            self.proxy.flush()
+            self.state.answer_all()
+        self.proxy.flush()
+        self.assertTrue(client.lost.called)
+        self.assertEqual(self.proxy.core.stats.limited["connections"], 1)
+        # Nothing of it stays counted.
+        self.assertEqual(self.state.counters.snapshot(), {"user:alice": 2})
+
+    def test_gone_while_counted_gives_everything_back(self) -> None:
+        client = self.proxy.connect_client(DD, dc=2)
+        self.proxy.flush()
+        self.proxy.connection_of(client).client_transport.abortConnection()
+        self.proxy.flush()
+        # The answer comes after the connection is gone: given back at once.
+        self.state.answer_all()
+        self.proxy.flush()
+        self.assertEqual(self.state.counters.snapshot(), {})
+
+    def test_no_answer_ends_at_the_handshake_timeout(self) -> None:
+        client = self.proxy.connect_client(DD, dc=2)
+        self.proxy.flush()
+        self.proxy.advance(self.proxy.core.settings.handshake_timeout + 1)
+        self.assertTrue(client.lost.called)
+        self.assertEqual(self.proxy.core.stats.rejected["handshake-timeout"], 1)
+        self.assertEqual(self.proxy.core.clients, set())
