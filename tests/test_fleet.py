@@ -36,6 +36,7 @@ class FleetTests(TestCase):
         self.fake = FakeDC(reactor)
         dc = reactor.listenTCP(0, self.fake, interface="127.0.0.1")
         self.addCleanup(dc.stopListening)
+        self.addCleanup(self._stop_fake_dc)
         self.dc_port = dc.getHost().port
 
     async def host(self, config: str = "") -> tuple[ProxyProcess, int]:
@@ -68,6 +69,12 @@ class FleetTests(TestCase):
         self.addCleanup(proxy.kill)
         await self.until(proxy, lambda: "tg://proxy" in proxy.log)
         return proxy, port
+
+    async def _stop_fake_dc(self) -> None:
+        # After the proxy is gone: its connections may not have closed yet.
+        for conn in self.fake.live():
+            conn.transport.abortConnection()
+            await conn.lost
 
     async def until(self, proxy: ProxyProcess, condition: Any, seconds: float = 30) -> None:
         try:

@@ -40,6 +40,7 @@ class _WorkersCase(TestCase):
         self.fake = FakeDC(reactor)
         dc = reactor.listenTCP(0, self.fake, interface="127.0.0.1")
         self.addCleanup(dc.stopListening)
+        self.addCleanup(self._stop_fake_dc)
         self.dc_port = dc.getHost().port
         self.state = Path(self.mktemp())
         self.state.mkdir()
@@ -74,6 +75,12 @@ class _WorkersCase(TestCase):
         await tree.until(lambda: len(re.findall(r"worker \d started", tree.log)) == 2)
         await tree.until(lambda: len(listening_pids(tree.children(), port)) == 2)
         return tree.process, tree, port
+
+    async def _stop_fake_dc(self) -> None:
+        # After the proxy is gone: its connections may not have closed yet.
+        for conn in self.fake.live():
+            conn.transport.abortConnection()
+            await conn.lost
 
     async def until(self, tree: ProxyProcess, condition: Any, seconds: float = 30) -> None:
         try:
@@ -283,6 +290,7 @@ class MiddleAcrossWorkersTests(_WorkersCase):
         me = FakeMiddleProxy(DEFAULT_PROXY_SECRET, reactor)
         me_port = reactor.listenTCP(0, me, interface="127.0.0.1")
         self.addCleanup(me_port.stopListening)
+        self.addCleanup(lambda: me.drop_all().addTimeout(10, reactor))
         body = config_text({dc: [("127.0.0.1", me_port.getHost().port)] for dc in (2, -2, 4)})
         site = FakeConfigServer(reactor, config_v4=body, config_v6=body)
         site_port = reactor.listenTCP(0, site, interface="127.0.0.1")
