@@ -39,6 +39,13 @@ must be used to watch its socket) and its closing. A drained write hands
 on to Twisted's own ``doWrite``, which finishes a ``loseConnection``.
 :func:`give_back` removes them, unless ``abortConnection`` already put
 its own there.
+
+Systemd's sockets. Twisted reads ``LISTEN_FDS`` once, when
+``twisted.internet.endpoints`` is imported, into
+``_SystemdParser._sddaemon`` (a ``ListenFDs``), and takes the variables out
+of the environment; :func:`systemd_descriptors` reads them from there, for
+the parent of ``--workers``, which hands the sockets down instead of
+listening through the endpoint.
 """
 
 from __future__ import annotations
@@ -69,6 +76,7 @@ __all__ = [
     "plain_tcp",
     "route_accept_log",
     "set_read_size",
+    "systemd_descriptors",
     "take_reads",
     "take_writes",
     "tune_malloc",
@@ -331,3 +339,16 @@ def hand_over(transport: Any, protocol: Any) -> bool:
         return False
     transport.protocol = protocol
     return True
+
+
+def systemd_descriptors() -> list[int]:
+    """
+    The descriptors systemd passed this process, as Twisted's ``systemd:``
+    endpoints number them (``index=N``).
+    """
+    from twisted.internet import endpoints
+
+    daemon = getattr(getattr(endpoints, "_SystemdParser", None), "_sddaemon", None)
+    if daemon is None:
+        return []
+    return list(daemon.inheritedDescriptors())

@@ -179,7 +179,7 @@ def _ipv6_loopback_port() -> int | None:
 class SocketActivationTests(TestCase):
     timeout = 90
 
-    async def _serve(self) -> None:
+    async def _serve(self, *extra: str) -> None:
         activate = shutil.which("systemd-socket-activate")
         if activate is None:
             raise self.skipTest("systemd-socket-activate is not installed (the systemd package)")
@@ -210,6 +210,7 @@ class SocketActivationTests(TestCase):
             f"2=127.0.0.1:{dc.getHost().port}",
             "--drain-timeout",
             "1",
+            *extra,
         ]
         child = Child()
         env = dict(os.environ)
@@ -238,6 +239,21 @@ class SocketActivationTests(TestCase):
         client = await connect_client(reactor, "::1", port, secret)
         payload = b"\x01" + os.urandom(99)
         self.assertEqual(await client.request(payload).addTimeout(10, reactor), payload)
+        if extra:  # --workers 2: both workers serve on the one inherited socket
+            from mtproxy_tw.testing.proxyprocess import children, socket_owners
+
+            await self.until(child, b"worker 2 started")
+            # systemd-socket-activate became the proxy: the workers are its children.
+            workers = children(process.pid)
+            self.assertEqual(len(workers), 2)
+            clients = [await connect_client(reactor, "::1", port, secret) for _ in range(30)]
+            for each in clients:
+                self.assertEqual(await each.request(payload).addTimeout(10, reactor), payload)
+            owners = socket_owners(workers, port)
+            served = {owners.get(c.transport.getHost().port) for c in clients}
+            self.assertEqual(served, set(workers), child.output.decode())
+            for each in clients:
+                each.transport.loseConnection()
         # ExecReload.
         process.signalProcess("HUP")
         await self.until(child, b"secrets reloaded")
@@ -253,6 +269,13 @@ class SocketActivationTests(TestCase):
             if child.ended.called or reactor.seconds() > deadline:
                 self.fail(f"no {text!r} from the proxy: {child.output.decode()}")
             await deferLater(reactor, 0.05, lambda: None)
+
+    def test_socket_activation_with_workers(self) -> Deferred[None]:
+        """
+        The same with ``--workers 2``: the parent takes the inherited
+        socket, both workers accept on it, SIGHUP reaches both.
+        """
+        return ensureDeferred(self._serve("--workers", "2"))
 
     def test_socket_activation(self) -> Deferred[None]:
         """

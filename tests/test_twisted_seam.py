@@ -284,6 +284,17 @@ class TwistedAssumptionTests(SynchronousTestCase):
         wrapped.makeConnection(pair.transport)
         self.assertEqual(wrapped.setTcpNoDelay, pair.transport.setTcpNoDelay)
 
+    def test_systemd_descriptors_are_read_once_into_the_systemd_parser(self) -> None:
+        from twisted.internet import endpoints
+        from twisted.python.systemd import ListenFDs
+
+        daemon = endpoints._SystemdParser._sddaemon
+        self.assertIsInstance(daemon, ListenFDs)
+        self.assertEqual(_twisted.systemd_descriptors(), daemon.inheritedDescriptors())
+        patched = ListenFDs([3, 4], ("a", "b"))
+        self.patch(endpoints._SystemdParser, "_sddaemon", patched)
+        self.assertEqual(_twisted.systemd_descriptors(), [3, 4])
+
     def test_Port_socket_is_the_listening_socket(self) -> None:
         """
         A listening ``tcp.Port`` (and so ``ssl.Port`` and the ports that

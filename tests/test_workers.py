@@ -162,6 +162,22 @@ class WorkersTests(_WorkersCase):
     def test_connections_spread_and_sigterm_stops_all(self) -> Deferred[None]:
         return ensureDeferred(self._spread())
 
+    async def _orphans(self) -> None:
+        process, tree, port = await self.start()
+        workers = children(process.pid)
+        os.kill(process.pid, signal.SIGKILL)
+        await tree.ended
+        # Their channel to the parent closes: each worker stops by itself.
+        deadline = reactor.seconds() + 30
+        while any(_alive(pid) for pid in workers):
+            if reactor.seconds() > deadline:
+                self.fail(f"the workers outlived their parent:\n{tree.log}")
+            await deferLater(reactor, 0.05, lambda: None)
+        self.assertIn("the parent is gone; stopping", tree.log)
+
+    def test_workers_stop_when_the_parent_is_killed(self) -> Deferred[None]:
+        return ensureDeferred(self._orphans())
+
 
 class SharedAcrossWorkersTests(_WorkersCase):
     async def _replay(self) -> None:
@@ -320,3 +336,14 @@ class MiddleAcrossWorkersTests(_WorkersCase):
 
     def test_telegram_config_is_fetched_once_for_every_worker(self) -> Deferred[None]:
         return ensureDeferred(self._middle())
+
+
+def _alive(pid: int) -> bool:
+    """
+    Whether ``pid`` runs (a zombie waiting for its new parent does not).
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"

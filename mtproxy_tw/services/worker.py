@@ -83,6 +83,7 @@ class AdoptedEndpoint:
         self.family = family
 
     def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
+        os.set_blocking(self.fd, False)  # the reactor's accept must not wait
         port = self.reactor.adoptStreamPort(self.fd, self.family, factory)
         os.close(self.fd)  # adopting made a copy
         return succeed(port)

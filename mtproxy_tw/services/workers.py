@@ -32,8 +32,8 @@ from twisted.internet.interfaces import IDelayedCall, IProcessTransport
 from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.python.systemd import ListenFDs
 
+from mtproxy_tw._twisted import systemd_descriptors
 from mtproxy_tw.links import endpoint_address
 from mtproxy_tw.services.proxy import ListenError
 from mtproxy_tw.services.worker import CHANNEL_FD, SOCKETS_ENV, WORKER_ENV
@@ -96,12 +96,15 @@ def _reuseport_sockets(description: str, count: int) -> list[socket.socket]:
 
 def _systemd_socket(description: str) -> socket.socket:
     fields = dict(part.split("=", 1) for part in description.split(":")[1:] if "=" in part)
-    fds = ListenFDs.fromEnvironment().inheritedDescriptors()
+    fds = systemd_descriptors()
     index = int(fields.get("index", "0"))
     if not 0 <= index < len(fds):
         raise ValueError(f"systemd passed {len(fds)} socket(s), no index {index}")
-    family = socket.AF_INET6 if fields.get("domain", "INET").upper() == "INET6" else socket.AF_INET
-    return socket.socket(family, socket.SOCK_STREAM, fileno=os.dup(fds[index]))
+    # The socket's own family (a ListenStream=443 socket is IPv6 whatever
+    # domain= says); systemd hands it over blocking.
+    sock = socket.socket(fileno=os.dup(fds[index]))
+    sock.setblocking(False)
+    return sock
 
 
 def open_listeners(

@@ -158,6 +158,7 @@ class StateServer(_Quiet):
         self.prefix = prefix
         self._lost = lost
         self._holders: set[str] = set()
+        self._gone = False
 
     @Seen.responder
     def seen(self, key: bytes) -> Deferred[dict[str, bool]]:
@@ -169,7 +170,10 @@ class StateServer(_Quiet):
 
         def answered(refused: str | None) -> dict[str, str | None]:
             if refused is None:
-                self._holders.add(name)
+                if self._gone:  # the worker died while this was asked
+                    self.shared.release(name)
+                else:
+                    self._holders.add(name)
             return {"refused": refused}
 
         return self.shared.acquire(name, _unclaims(claims)).addCallback(answered)
@@ -189,6 +193,7 @@ class StateServer(_Quiet):
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         super().connectionLost(reason)
+        self._gone = True
         holders, self._holders = self._holders, set()
         for name in holders:
             self.shared.release(name)
