@@ -189,7 +189,8 @@ def stop_process(child: subprocess.Popen[Any]) -> None:
 
 class BenchClient(protocol.Protocol):
     """
-    A client of the proxy: obfuscated2 with the secret, inside fake TLS for ee.
+    A client of the proxy: obfuscated2 with the secret, inside fake TLS for ee,
+    asking for DC ``dc``.
 
     For ee it sends a ClientHello, checks the server's flight, then sends
     ChangeCipherSpec and wraps everything in ApplicationData records; what
@@ -202,10 +203,10 @@ class BenchClient(protocol.Protocol):
 
     transport: Any
 
-    def __init__(self, secret: Secret, on_data: Callable[[Any, bytes], None]) -> None:
+    def __init__(self, secret: Secret, on_data: Callable[[Any, bytes], None], dc: int = 2) -> None:
         self.secret = secret
         self.on_data = on_data
-        self.init = generate_init(client_tag(secret), 2, secret=secret.key)
+        self.init = generate_init(client_tag(secret), dc, secret=secret.key)
         self.encrypt = self.init.encryptor.update
         self.received = 0
         self.ready: defer.Deferred[BenchClient] = defer.Deferred()

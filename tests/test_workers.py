@@ -163,7 +163,7 @@ class WorkersTests(_WorkersCase):
         return ensureDeferred(self._spread())
 
     async def _orphans(self) -> None:
-        process, tree, port = await self.start()
+        process, tree, _port = await self.start()
         workers = children(process.pid)
         os.kill(process.pid, signal.SIGKILL)
         await tree.ended
