@@ -158,6 +158,9 @@ class WorkersTests(_WorkersCase):
             self.assertFalse(Path(f"/proc/{pid}").exists(), tree.log)
         self.assertNotIn("Traceback", tree.log)
         self.assertEqual(len(re.findall(r"Main loop terminated", tree.log)), 3, tree.log)
+        # No line per connection: not the DC legs' factories, not the channels.
+        self.assertNotIn("Starting factory", tree.log)
+        self.assertNotIn("connection established", tree.log)
 
     def test_connections_spread_and_sigterm_stops_all(self) -> Deferred[None]:
         return ensureDeferred(self._spread())

@@ -15,12 +15,12 @@ import random
 from typing import Any, Protocol
 
 from twisted.internet.defer import CancelledError
-from twisted.internet.endpoints import connectProtocol
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mtproxy_tw import _twisted
+from mtproxy_tw.connecting import connect_protocol
 from mtproxy_tw.proxy.legs import HalfCloseableLeg, Leg, LegClient, close_peer
 
 __all__ = ["SITE_DOWN_CLOSE", "FrontRelay", "FrontedClient"]
@@ -83,7 +83,7 @@ class FrontRelay:
         self._closing: Any = None
         if not shadow:
             client.transport.pauseProducing()
-        self._connecting: Any = connectProtocol(endpoint, HalfCloseableLeg(self))
+        self._connecting: Any = connect_protocol(endpoint, HalfCloseableLeg(self))
         self._connecting.addErrback(self._unreachable)
 
     def release(self) -> None:

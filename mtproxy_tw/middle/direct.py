@@ -8,13 +8,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.endpoints import connectProtocol
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mtproxy_tw import _twisted
+from mtproxy_tw.connecting import connect_protocol
 from mtproxy_tw.wire import obfuscated2
 
 if TYPE_CHECKING:
@@ -38,7 +38,7 @@ class DirectLeg(Protocol):
         self._pending: list[bytes] | None = [self.init.wire, self.init.encryptor.update(first)]
         self._closed = False
         address, _ = upstream.core.settings.dcs.lookup(session.dc)
-        self._connecting: Deferred[DirectLeg] | None = connectProtocol(
+        self._connecting: Deferred[DirectLeg] | None = connect_protocol(
             upstream.core.endpoint(address), self
         )
         self._connecting.addErrback(self._failed)

@@ -10,11 +10,11 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from twisted.application.internet import backoffPolicy
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.endpoints import connectProtocol
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mtproxy_tw.connecting import connect_protocol
 from mtproxy_tw.middle.connection import MEConnection
 from mtproxy_tw.middle.settings import MiddleSettings
 from mtproxy_tw.wire.dcs import Address
@@ -158,7 +158,7 @@ class DCPool:
         # handshake decides on it; the secret in use stays until then.
         secret = source.candidate if source.candidate is not None else source.secret
         host, port = endpoint
-        attempt = connectProtocol(
+        attempt = connect_protocol(
             self.upstream.core.endpoint(Address(host, port)), MEConnection(self, endpoint, secret)
         )
         self._attempts.add(attempt)

@@ -14,12 +14,12 @@ from typing import Any
 
 from cryptography.hazmat.primitives.ciphers import CipherContext
 from twisted.internet.defer import CancelledError, TimeoutError
-from twisted.internet.endpoints import connectProtocol
 from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mtproxy_tw import _twisted
+from mtproxy_tw.connecting import connect_protocol
 from mtproxy_tw.proxy.dcrelay import DCClient, DCRelay
 from mtproxy_tw.proxy.legs import Leg, close_peer
 from mtproxy_tw.wire.chain import BackProxy, BackStream, ChainError, Reframer
@@ -69,7 +69,7 @@ class ChainRelay:
         self.leg: Leg | None = None
         self._connected: Leg | None = None
         client.transport.pauseProducing()
-        self._connecting: Any = connectProtocol(endpoint, Leg(self))
+        self._connecting: Any = connect_protocol(endpoint, Leg(self))
         self._connecting.addErrback(self._failed)
 
     # -- the client's bytes

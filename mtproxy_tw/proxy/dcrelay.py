@@ -13,11 +13,11 @@ from typing import Any, Protocol
 
 from cryptography.hazmat.primitives.ciphers import CipherContext
 from twisted.internet.defer import CancelledError
-from twisted.internet.endpoints import connectProtocol
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.python.failure import Failure
 
 from mtproxy_tw import _twisted
+from mtproxy_tw.connecting import connect_protocol
 from mtproxy_tw.proxy.legs import Leg, LegClient, close_peer
 from mtproxy_tw.proxy.splice import Pump, start_pump
 from mtproxy_tw.wire import obfuscated2
@@ -93,7 +93,7 @@ class DCRelay:
         #: The connection to the DC, once up.
         self.leg: Leg | None = None
         client.transport.pauseProducing()
-        self._connecting: Any = connectProtocol(endpoint, Leg(self))
+        self._connecting: Any = connect_protocol(endpoint, Leg(self))
         self._connecting.addErrback(self._failed)
 
     # -- the client's bytes
