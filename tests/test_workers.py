@@ -123,8 +123,8 @@ class _WorkersCase(TestCase):
         self.addCleanup(close)
         return client
 
-    async def echo(self, client: ObfuscatedClient) -> bool:
-        payload = b"\x01" + os.urandom(99)
+    async def echo(self, client: ObfuscatedClient, size: int = 100) -> bool:
+        payload = b"\x01" + os.urandom(size - 1)
         try:
             answer = await client.request(payload).addTimeout(5, reactor)
         except Exception:
@@ -222,6 +222,40 @@ class SharedAcrossWorkersTests(_WorkersCase):
 
     def test_user_connection_limit_holds_across_workers(self) -> Deferred[None]:
         return ensureDeferred(self._user_limit())
+
+    async def _per_address(self) -> None:
+        config = "[limits]\nmax_connections_per_ip = 3\n"
+        process, tree, port = await self.start(
+            "--no-mask", "--secret", f"alice={ALICE.hex()}", config=config
+        )
+        held = await self.spread_clients(
+            process, port, 6, lambda: connect_client(reactor, "127.0.0.1", port, ALICE)
+        )
+        answered = [await self.echo(client) for client, _ in held]
+        self.assertEqual(answered.count(True), 3, tree.log)
+
+    def test_address_limit_holds_across_workers(self) -> Deferred[None]:
+        return ensureDeferred(self._per_address())
+
+    async def _quota(self) -> None:
+        config = f'[users.alice]\nsecret = "{ALICE.hex()}"\nquota = "100K"\n'
+        process, tree, port = await self.start("--no-mask", config=config)
+        held = await self.spread_clients(
+            process, port, 2, lambda: connect_client(reactor, "127.0.0.1", port, ALICE)
+        )
+        # One connection on each worker, each moving 60 KB: under the quota
+        # alone, over it together.
+        one_each = {owner: client for client, owner in held}
+        self.assertEqual(len(one_each), 2)
+        for client in one_each.values():
+            for _ in range(3):
+                self.assertTrue(await self.echo(client, 10_000), tree.log)
+        for client in one_each.values():
+            await client.lost.addTimeout(10, reactor)
+        await self.until(tree, lambda: "quota" in tree.log)
+
+    def test_quota_holds_across_workers(self) -> Deferred[None]:
+        return ensureDeferred(self._quota())
 
     async def _restart(self) -> None:
         process, tree, port = await self.start()
