@@ -201,6 +201,58 @@ class SharedAcrossWorkersTests(_WorkersCase):
     def test_replay_to_another_worker_is_caught(self) -> Deferred[None]:
         return ensureDeferred(self._replay())
 
+    async def _tls_replay(self) -> None:
+        import time
+
+        from mtproxy_tw.testing.fakesite import FakeSite
+        from mtproxy_tw.wire import faketls
+
+        site = FakeSite("example.com")
+        site_port = site.listen(reactor)
+        self.addCleanup(site.close)
+        erin = parse_secret("erin=ee" + "e5" * 16 + b"example.com".hex(), "x")
+        process, tree, port = await self.start(
+            "--secret",
+            f"erin={erin.hex()}",
+            "--mask-host",
+            f"127.0.0.1:{site_port.getHost().port}",
+        )
+        hello = faketls.build_client_hello(erin.key, "example.com", int(time.time()))
+        held = await self.spread_clients(
+            process, port, 4, lambda: connect_raw(reactor, "127.0.0.1", port)
+        )
+        for client, _ in held:
+            client.write(hello)
+
+        # One gets the proxy's answer; every other copy, whichever worker
+        # it reached, goes to the site, byte for byte (the site's other
+        # connections are the workers measuring its answer).
+        def fronted() -> int:
+            return sum(bytes(c.received) == hello for c in site.connections)
+
+        await self.until(tree, lambda: fronted() == len(held) - 1)
+
+        # The fronted copies get the site's own answer, whatever it is (to
+        # this test hello, an alert), and the one let through the proxy's.
+        def answers() -> list[bytes]:
+            return sorted(bytes(c.sent) for c in site.connections if bytes(c.received) == hello)
+
+        await self.until(
+            tree,
+            lambda: (
+                all(answers())
+                and sorted(bytes(c.received) for c, _ in held if bytes(c.received) in answers())
+                == answers()
+            ),
+        )
+        ours = [c for c, _ in held if bytes(c.received) not in answers()]
+        self.assertEqual(len(ours), 1)
+        self.assertEqual(bytes(ours[0].received[:3]), b"\x16\x03\x03")
+        self.assertNotIn("Traceback", tree.log)
+
+    def test_replayed_hello_to_another_worker_is_fronted(self) -> Deferred[None]:
+        return ensureDeferred(self._tls_replay())
+
     async def _user_limit(self) -> None:
         config = f'[users.alice]\nsecret = "{ALICE.hex()}"\nmax_connections = 3\n'
         process, tree, port = await self.start("--no-mask", config=config)
