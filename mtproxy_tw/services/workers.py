@@ -75,6 +75,8 @@ def _reuseport_sockets(description: str, count: int) -> list[socket.socket]:
     if port is None:
         raise ValueError("names no port")
     host = host or ("::" if family == socket.AF_INET6 else "0.0.0.0")
+    fields = dict(part.split("=", 1) for part in inner.split(":")[1:] if "=" in part)
+    backlog = int(fields.get("backlog", "50"))  # Twisted's default, as without --workers
     made: list[socket.socket] = []
     try:
         for _ in range(count):
@@ -85,7 +87,7 @@ def _reuseport_sockets(description: str, count: int) -> list[socket.socket]:
             sock.bind((host, port))
             if port == 0:  # the others join the port the first one got
                 port = sock.getsockname()[1]
-            sock.listen(50)
+            sock.listen(backlog)
             sock.setblocking(False)
     except OSError:
         for sock in made:
