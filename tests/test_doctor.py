@@ -492,3 +492,43 @@ class ServerHelloTests(SynchronousTestCase):
             with self.assertRaises(TLSError) as caught:
                 read_server_hello(data)
             self.assertIn(words, str(caught.exception))
+
+
+class SharedStateTests(DoctorHarness):
+    """
+    ``--shared-state``: the fleet's Redis answers, or a FAIL line says why
+    (never with the password).
+    """
+
+    def test_redis_answers(self) -> Deferred[None]:
+        return ensureDeferred(self._answers())
+
+    async def _answers(self) -> None:
+        from mtproxy_tw.testing.redisserver import RedisServer
+
+        server = RedisServer.start_or_skip(self.mktemp())
+        self.addCleanup(server.stop)
+        url = f"redis://127.0.0.1:{server.port}/2"
+        results = await self.doctor(f"--shared-state={url}", middle=False)
+        check = results["shared-state"]
+        self.assertEqual(check.status, Status.OK, check)
+        self.assertIn(f"{url} answers (Redis ", check.detail)
+        self.assertEqual(exit_status(self.results), 0, self.results)
+
+    def test_redis_away(self) -> Deferred[None]:
+        return ensureDeferred(self._away())
+
+    async def _away(self) -> None:
+        import socket
+
+        with socket.socket() as s:
+            s.bind((LOCAL, 0))
+            port = s.getsockname()[1]
+        results = await self.doctor(
+            f"--shared-state=redis://:hunter2@{LOCAL}:{port}/0", middle=False
+        )
+        check = results["shared-state"]
+        self.assertEqual(check.status, Status.FAIL, check)
+        self.assertIn(f"redis://{LOCAL}:{port}/0", check.detail)
+        self.assertNotIn("hunter2", check.line())
+        self.assertEqual(exit_status(self.results), 1)

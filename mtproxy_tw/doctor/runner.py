@@ -23,6 +23,7 @@ from mtproxy_tw.doctor.address import (
 from mtproxy_tw.doctor.context import Context, shared
 from mtproxy_tw.doctor.local import check_listen, check_open_files, check_state_dir
 from mtproxy_tw.doctor.result import Result, Status, exit_status
+from mtproxy_tw.doctor.sharedstate import check_shared_state
 from mtproxy_tw.doctor.telegram import (
     KINDS,
     Download,
@@ -108,6 +109,7 @@ def _steps(ctx: Context) -> list[Deferred[list[Result]]]:
 
     answers = ensureDeferred(_downloads(ctx))
     steps = [start(_listen(ctx)), succeed(_local(ctx))]
+    steps.append(start(check_shared_state(ctx.reactor, ctx.options["shared-state"], ctx.timeout)))
     external: Deferred[Public] | None = None
     if ctx.middle is not None:
         external = ensureDeferred(external_address(ctx))

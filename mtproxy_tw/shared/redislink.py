@@ -17,15 +17,15 @@ from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,
     TCP6ClientEndpoint,
-    connectProtocol,
 )
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mtproxy_tw.config.values import RedisURL
+from mtproxy_tw.connecting import connect_protocol
 
-__all__ = ["RedisLink", "Unreachable"]
+__all__ = ["RedisLink", "Unreachable", "redis_endpoint"]
 
 log = Logger()
 
@@ -34,6 +34,21 @@ class Unreachable(Exception):
     """
     Redis did not answer (in time); the caller answers from local state.
     """
+
+
+def redis_endpoint(reactor: Any, url: RedisURL, timeout: float) -> IStreamClientEndpoint:
+    """
+    An endpoint toward the server of ``url``; an IP literal skips name
+    resolution.
+    """
+    host, port = url.host, url.port
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return HostnameEndpoint(reactor, host, port, timeout=max(1, round(timeout)))
+    if address.version == 4:
+        return TCP4ClientEndpoint(reactor, host, port)
+    return TCP6ClientEndpoint(reactor, host, port)
 
 
 def _describe(error: object) -> str:
@@ -105,14 +120,7 @@ class RedisLink:
             proto.transport.abortConnection()
 
     def _endpoint(self) -> IStreamClientEndpoint:
-        host, port, reactor = self.url.host, self.url.port, self._reactor
-        try:
-            address = ipaddress.ip_address(host)
-        except ValueError:
-            return HostnameEndpoint(reactor, host, port, timeout=max(1, round(self._timeout)))
-        if address.version == 4:
-            return TCP4ClientEndpoint(reactor, host, port)
-        return TCP6ClientEndpoint(reactor, host, port)
+        return redis_endpoint(self._reactor, self.url, self._timeout)
 
     def _attempt_done(self, result: object) -> None:
         if isinstance(result, Failure):
@@ -128,7 +136,7 @@ class RedisLink:
         proto = txredisapi.RedisProtocol(convertNumbers=False)
         bound = self._timeout, self._reactor
         try:
-            await connectProtocol(self._endpoint(), proto).addTimeout(*bound)
+            await connect_protocol(self._endpoint(), proto).addTimeout(*bound)
             if self.url.password is not None:
                 await proto.auth(self.url.password).addTimeout(*bound)
             if self.url.db:
