@@ -134,9 +134,9 @@ def build_parent(
     if options["users"] or options["limits"] is not None:
         # The workers' usage adds up here; the parent keeps the file.
         registry = Registry(options["users"], options["limits"] or Limits())
-        UsageService(registry, lambda: (), state_path, reactor, shared=shared).setServiceParent(
-            top
-        )
+        usage = UsageService(registry, lambda: (), state_path, reactor, shared=shared)
+        usage.setServiceParent(top)
+        pool.after_stop.append(usage.final_save)
     add_metrics(top, pool)
     log.info(
         "{count} worker processes (--workers); the parent pid is {pid}",

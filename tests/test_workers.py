@@ -306,6 +306,28 @@ class SharedAcrossWorkersTests(_WorkersCase):
             await client.lost.addTimeout(10, reactor)
         await self.until(tree, lambda: "quota" in tree.log)
 
+    async def _usage_at_stop(self) -> None:
+        import json
+
+        config = f'[users.alice]\nsecret = "{ALICE.hex()}"\n'
+        process, tree, port = await self.start(config=config)
+        held = await self.spread_clients(
+            process, port, 2, lambda: connect_client(reactor, "127.0.0.1", port, ALICE)
+        )
+        for client, _ in held:
+            self.assertTrue(await self.echo(client, 10_000), tree.log)
+        # Stopped at once, before any second's count: the workers' last
+        # counts reach the parent, which saves them; no error on the way.
+        process.signalProcess("TERM")
+        await tree.ended.addTimeout(20, reactor)
+        usage = json.loads((self.state / "usage.json").read_text())["bytes"]
+        self.assertGreaterEqual(usage.get("alice", 0), 20_000 * len(held), tree.log)
+        self.assertNotIn("Traceback", tree.log)
+        self.assertNotIn("#critical", tree.log)
+
+    def test_usage_counted_until_the_stop(self) -> Deferred[None]:
+        return ensureDeferred(self._usage_at_stop())
+
     def test_quota_holds_across_workers(self) -> Deferred[None]:
         return ensureDeferred(self._quota())
 

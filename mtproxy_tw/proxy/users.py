@@ -316,6 +316,13 @@ class Registry:
         unsent, self._unsent = self._unsent, {}
         return unsent
 
+    def put_back(self, unsent: dict[str, int]) -> None:
+        """
+        What :meth:`take_unsent` answered could not be added: send it later.
+        """
+        for user, n in unsent.items():
+            self._unsent[user] = self._unsent.get(user, 0) + n
+
     def used(self, user: str) -> int:
         return self._usage.get(user, 0)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Protocol, cast
 
 from twisted.application.internet import TimerService
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.logger import Logger
 
 from mtproxy_tw.proxy.users import Registry
@@ -35,6 +35,8 @@ USAGE_FILE = "usage.json"
 SWEEP_INTERVAL = 1.0
 #: Seconds between saves while running.
 SAVE_INTERVAL = 60.0
+#: Seconds the last count at stop may take to reach the shared total.
+_SHARE_TIMEOUT = 5.0
 #: A usage file larger than this is not read.
 _MAX_FILE = 16 << 20
 _VERSION = 1
@@ -86,6 +88,7 @@ class UsageService(TimerService):
         super().__init__(interval, self.tick)
         self.shared = shared
         self.saving = saving
+        self._share_failing = False
         self.clock = clock
         self.registry = registry
         self.clients = clients
@@ -112,9 +115,19 @@ class UsageService(TimerService):
         stopped: Deferred[None] = super().stopService()
         # Count what moved since the last tick; nobody is cut on the way out.
         self.registry.sweep(self._now(), self._live())
-        self._share()
+        shared = self._share()
         self.save()
-        return stopped
+        if shared is None:
+            return stopped
+        # The last count must reach the total before the connections close.
+        clock: Any = self.clock
+        if clock is None:
+            from twisted.internet import reactor
+
+            clock = reactor
+        shared.addTimeout(_SHARE_TIMEOUT, clock)
+        both: Deferred[Any] = DeferredList([stopped, shared], consumeErrors=True)
+        return both.addCallback(lambda _: None)
 
     def _live(self) -> list[tuple[Hashable, str | None, int]]:
         return [(conn, user, total) for conn, user, total in self.clients()]
@@ -136,12 +149,41 @@ class UsageService(TimerService):
             self._last_save = now
             self.save()
 
-    def _share(self) -> None:
+    def final_save(self) -> Deferred[None]:
+        """
+        Take the shared totals once more and save them (the workers' parent,
+        once every worker has ended).
+        """
+        shared = self._share()
+        if shared is None:
+            self.save()
+            return succeed(None)
+        return shared.addBoth(lambda _: self.save())
+
+    def _share(self) -> Deferred[None] | None:
+        """
+        Add what was counted here to the shared total and take the totals
+        back; what could not be added is added at the next try.
+        """
         if self.shared is None:
-            return
-        d = self.shared.add_usage(self.registry.take_unsent())
-        d.addCallback(self.registry.restore)
-        d.addErrback(lambda f: self.log.failure("adding up the users' usage", f))
+            return None
+        deltas = self.registry.take_unsent()
+        d = self.shared.add_usage(deltas)
+
+        def failed(failure: Any) -> None:
+            self.registry.put_back(deltas)
+            if not self._share_failing:
+                self._share_failing = True
+                self.log.warn(
+                    "cannot add this process's usage to the shared total ({error}); trying again",
+                    error=failure.getErrorMessage(),
+                )
+
+        def added(totals: dict[str, int]) -> None:
+            self._share_failing = False
+            self.registry.restore(totals)
+
+        return d.addCallbacks(added, failed)
 
     def load(self) -> None:
         """

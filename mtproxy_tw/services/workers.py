@@ -200,6 +200,9 @@ class WorkerPool(MultiService):
         #: workers started after it.
         self.middle_bodies: dict[str, bytes] = {}
         self._stopping = False
+        #: Called once every worker has ended at stop (the workers' last
+        #: counts are in by then); a Deferred answered is waited for.
+        self.after_stop: list[Callable[[], Deferred[None] | None]] = []
         self._previous_hup: Any = None
         self._backoff = backoffPolicy(initialDelay=0.5, maxDelay=30.0)
 
@@ -248,15 +251,17 @@ class WorkerPool(MultiService):
             self.log.info("stopping {count} workers", count=len(waiting))
         done: Deferred[Any] = DeferredList(waiting) if waiting else succeed(None)
 
-        def stopped(_: object) -> None:
+        def stopped(_: object) -> Deferred[Any]:
             if kill.active():
                 kill.cancel()
             for sockets in self.sockets or ():
                 for sock in sockets:
                     sock.close()
             self.sockets = None
+            after = [d for d in (hook() for hook in self.after_stop) if d is not None]
+            return DeferredList(after, consumeErrors=True)
 
-        return done.addCallback(stopped)
+        return done.addCallback(stopped).addCallback(lambda _: None)
 
     def _kill_all(self) -> None:
         for slot in self.slots:
