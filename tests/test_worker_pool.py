@@ -34,6 +34,7 @@ from mtproxy_tw.services.worker import (
 )
 from mtproxy_tw.services.workers import WorkerPool, open_listeners, worker_command
 from mtproxy_tw.shared.amp import RemoteState, StateServer
+from mtproxy_tw.shared.channel import ClaimsClient, ClaimsServer
 from mtproxy_tw.shared.local import LocalState
 from mtproxy_tw.wire.replay import ReplayCache
 from tests.logs import at_least_warnings, observe
@@ -137,6 +138,12 @@ class WorkerEndpointTests(SynchronousTestCase):
         fd = os.dup(theirs.fileno())
         self.addCleanup(close, fd)
         self.patch(worker_module, "CHANNEL_FD", fd)
+        claims_ours, claims_theirs = socket.socketpair()
+        self.addCleanup(claims_ours.close)
+        self.addCleanup(claims_theirs.close)
+        claims_fd = os.dup(claims_theirs.fileno())
+        self.addCleanup(close, claims_fd)
+        self.patch(worker_module, "CLAIMS_FD", claims_fd)
         remote = RemoteState()
         return WorkerChannel(reactor, remote, 2), remote, fd
 
@@ -154,9 +161,10 @@ class WorkerEndpointTests(SynchronousTestCase):
         stops = self.stops(reactor)
         channel, remote, fd = self.channel(reactor)
         channel.startService()
-        [(adopted, family, factory)] = reactor.adoptedStreamConnections
-        self.assertEqual((adopted, family), (fd, socket.AF_UNIX))
+        [(adopted, family, factory), (_, claims_family, claims)] = reactor.adoptedStreamConnections
+        self.assertEqual((adopted, family, claims_family), (fd, socket.AF_UNIX, socket.AF_UNIX))
         self.assertIs(factory.buildProtocol(None), remote)
+        self.assertIs(claims.buildProtocol(None), remote.claims)
         self.assertTrue(closed(fd))
         self.assertEqual(stops, [])
         remote.on_lost()
@@ -292,6 +300,7 @@ class _Worker:
         self.channel: StateServer | None = None
         self.remote: RemoteState | None = None
         self.pump: IOPump | None = None
+        self.claims_pump: IOPump | None = None
         self.middle: list[tuple[str, bytes]] = []
         self.metrics = b""
 
@@ -319,6 +328,15 @@ class _Reactor(MemoryReactorClock):
     def adoptStreamConnection(self, fd: int, family: int, factory: Any) -> None:
         super().adoptStreamConnection(fd, family, factory)
         server = factory.buildProtocol(None)
+        if isinstance(server, ClaimsServer):  # the second channel of the same worker
+            assert self.pending is not None
+            worker = self.pending[3]
+            client = ClaimsClient()
+            worker.claims_pump = connect(
+                server, makeFakeServer(server), client, makeFakeClient(client), clock=self
+            )
+            worker.remote.claims = client
+            return
         holder: list[_Worker] = []
         remote = RemoteState(
             metrics=lambda: holder[0].metrics,
@@ -354,8 +372,9 @@ class _Reactor(MemoryReactorClock):
 
     def flush(self) -> None:
         for worker in self.workers:
-            if worker.pump is not None:
-                worker.pump.flush()
+            for pump in (worker.pump, worker.claims_pump):
+                if pump is not None:
+                    pump.flush()
 
 
 class _FakeTime:
@@ -415,20 +434,21 @@ class WorkerPoolTests(SynchronousTestCase):
         for i, worker in enumerate(started):
             self.assertEqual(worker.executable, "/py")
             self.assertEqual(worker.args, ["/py", "-m", "twisted", "mtproxy"])
-            self.assertEqual(sorted(worker.fds), [0, 1, 2, 3, 4, 5])
+            self.assertEqual(sorted(worker.fds), [0, 1, 2, 3, 4, 5, 6])
             self.assertEqual((worker.fds[0], worker.fds[1], worker.fds[2]), ("w", 1, 2))
-            self.assertIsInstance(worker.fds[3], int)
-            self.assertEqual(worker.fds[4], self.pool.sockets[0][i].fileno())
-            self.assertEqual(worker.fds[5], self.pool.sockets[1][i].fileno())
+            self.assertIsInstance(worker.fds[3], int)  # AMP
+            self.assertIsInstance(worker.fds[4], int)  # the claims channel
+            self.assertEqual(worker.fds[5], self.pool.sockets[0][i].fileno())
+            self.assertEqual(worker.fds[6], self.pool.sockets[1][i].fileno())
             self.assertEqual(worker.env[WORKER_ENV], str(i + 1))
-            self.assertEqual(worker.env[SOCKETS_ENV], f"4:{family},5:{family}")
+            self.assertEqual(worker.env[SOCKETS_ENV], f"5:{family},6:{family}")
             self.assertEqual(worker.env.get("PATH"), os.environ.get("PATH"))
             assert worker.channel is not None
             self.assertEqual(worker.channel.prefix, f"{i + 1}.1:")
-        self.assertNotEqual(started[0].fds[4], started[1].fds[4])
+        self.assertNotEqual(started[0].fds[5], started[1].fds[5])
         self.assertEqual(
             [family for _, family, _ in self.reactor.adoptedStreamConnections],
-            [socket.AF_UNIX, socket.AF_UNIX],
+            [socket.AF_UNIX] * 4,  # two channels per worker
         )
         self.assertEqual(self.pool.pids(), [100, 101])
 
@@ -444,7 +464,7 @@ class WorkerPoolTests(SynchronousTestCase):
         self.assertEqual(len(self.reactor.workers), 3)
         again = self.reactor.workers[2]
         self.assertEqual(again.env[WORKER_ENV], "1")
-        self.assertEqual(again.fds[4], one.fds[4])  # the same sockets
+        self.assertEqual(again.fds[5], one.fds[5])  # the same sockets
         assert again.channel is not None
         self.assertEqual(again.channel.prefix, "1.2:")
         self.assertEqual(self.pool.pids(), [102, 101])

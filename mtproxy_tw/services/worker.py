@@ -3,8 +3,8 @@ A worker process's side of ``--workers``: what its parent handed down.
 
 The parent starts each worker as ``python -m twisted [its twist options]
 mtproxy [its options]`` with :data:`WORKER_ENV` set to ``INDEX`` and
-:data:`SOCKETS_ENV` to the descriptors it passed: the channel to the parent
-(always descriptor 3) and one listening socket per ``--listen``, as
+:data:`SOCKETS_ENV` to the descriptors it passed: the channels to the parent
+(descriptors 3 and 4) and one listening socket per ``--listen``, as
 ``FD:FAMILY`` items.
 """
 
@@ -25,9 +25,11 @@ from twisted.protocols.haproxy import proxyEndpoint
 from zope.interface import implementer
 
 from mtproxy_tw.shared.amp import RemoteState
+from mtproxy_tw.shared.channel import ClaimsClient
 
 __all__ = [
     "CHANNEL_FD",
+    "CLAIMS_FD",
     "SOCKETS_ENV",
     "WORKER_ENV",
     "AdoptedEndpoint",
@@ -38,8 +40,10 @@ __all__ = [
 
 WORKER_ENV = "MTPROXY_TW_WORKER"
 SOCKETS_ENV = "MTPROXY_TW_WORKER_SOCKETS"
-#: The worker's end of its channel to the parent.
+#: The worker's end of its channel to the parent (AMP).
 CHANNEL_FD = 3
+#: The worker's end of its claims channel to the parent.
+CLAIMS_FD = 4
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,8 @@ class WorkerChannel(Service):
         self.remote = remote
         self.index = index
         remote.on_lost = self._parent_lost
+        self.claims = ClaimsClient()
+        self.claims.on_lost = self._parent_lost
 
     def _parent_lost(self) -> None:
         if self.running:
@@ -133,6 +139,11 @@ class WorkerChannel(Service):
             CHANNEL_FD, socket.AF_UNIX, Factory.forProtocol(lambda: self.remote)
         )
         os.close(CHANNEL_FD)
+        self.reactor.adoptStreamConnection(
+            CLAIMS_FD, socket.AF_UNIX, Factory.forProtocol(lambda: self.claims)
+        )
+        os.close(CLAIMS_FD)
+        self.remote.claims = self.claims
         self.log.info("worker {index} started (pid {pid})", index=self.index, pid=os.getpid())
 
     def stopService(self) -> None:

@@ -36,9 +36,10 @@ from twisted.python.failure import Failure
 from mtproxy_tw._twisted import systemd_descriptors
 from mtproxy_tw.links import endpoint_address
 from mtproxy_tw.services.proxy import ListenError
-from mtproxy_tw.services.worker import CHANNEL_FD, SOCKETS_ENV, WORKER_ENV
+from mtproxy_tw.services.worker import CHANNEL_FD, CLAIMS_FD, SOCKETS_ENV, WORKER_ENV
 from mtproxy_tw.shared.amp import Metrics, MiddleConfig, StateServer
 from mtproxy_tw.shared.base import SharedState
+from mtproxy_tw.shared.channel import ClaimsServer
 
 __all__ = ["WorkerPool", "open_listeners", "worker_command"]
 
@@ -294,12 +295,25 @@ class WorkerPool(MultiService):
             parent_end.fileno(), socket.AF_UNIX, Factory.forProtocol(lambda: channel)
         )
         parent_end.close()
-        fds: dict[int, Any] = {0: "w", 1: 1, 2: 2, CHANNEL_FD: child_end.fileno()}
+        claims = ClaimsServer(self.shared, f"{slot.index}.{slot.starts}:")
+        claims_parent, claims_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.reactor.adoptStreamConnection(
+            claims_parent.fileno(), socket.AF_UNIX, Factory.forProtocol(lambda: claims)
+        )
+        claims_parent.close()
+        fds: dict[int, Any] = {
+            0: "w",
+            1: 1,
+            2: 2,
+            CHANNEL_FD: child_end.fileno(),
+            CLAIMS_FD: claims_child.fileno(),
+        }
         items = []
+        first = max(CHANNEL_FD, CLAIMS_FD) + 1
         for j, sockets in enumerate(self.sockets):
             sock = sockets[(slot.index - 1) % len(sockets)]
-            fds[CHANNEL_FD + 1 + j] = sock.fileno()
-            items.append(f"{CHANNEL_FD + 1 + j}:{int(sock.family)}")
+            fds[first + j] = sock.fileno()
+            items.append(f"{first + j}:{int(sock.family)}")
         env = dict(os.environ)
         env[WORKER_ENV] = str(slot.index)
         env[SOCKETS_ENV] = ",".join(items)
@@ -314,6 +328,7 @@ class WorkerPool(MultiService):
             )
         finally:
             child_end.close()
+            claims_child.close()
         for kind, body in self.middle_bodies.items():
             self._hand_down(channel, kind, body)
 

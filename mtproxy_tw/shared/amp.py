@@ -222,20 +222,32 @@ class RemoteState(_Quiet):
         super().__init__()
         self.metrics_text = metrics
         self.middle_config = middle_config
+        #: The claims channel, once connected: the calls every connection
+        #: makes go there, not over AMP.
+        self.claims: Any = None
         #: Called when the parent's end closes.
         self.on_lost = lost
 
     # -- SharedState
 
     def seen(self, key: bytes) -> Deferred[bool]:
+        if self.claims is not None:
+            seen: Deferred[bool] = self.claims.seen(key)
+            return seen
         d: Deferred[Any] = self.callRemote(Seen, key=key)
         return d.addCallback(lambda answer: bool(answer["seen"]))
 
     def acquire(self, holder: str, claims: Sequence[Claim]) -> Deferred[str | None]:
+        if self.claims is not None:
+            refused: Deferred[str | None] = self.claims.acquire(holder, claims)
+            return refused
         d: Deferred[Any] = self.callRemote(Acquire, holder=holder, claims=_claims(claims))
         return d.addCallback(lambda answer: answer.get("refused"))
 
     def release(self, holder: str) -> None:
+        if self.claims is not None:
+            self.claims.release(holder)
+            return
         if self.transport is not None and getattr(self.transport, "connected", True):
             self.callRemote(Release, holder=holder)
 
