@@ -286,6 +286,17 @@ class SharedAcrossWorkersTests(_WorkersCase):
         answered = [await self.echo(client) for client, _ in held]
         self.assertEqual(answered.count(True), 3, tree.log)
 
+    async def _cap(self) -> None:
+        process, tree, port = await self.start("--no-mask", "--max-connections", "3")
+        held = await self.spread_clients(
+            process, port, 6, lambda: connect_client(reactor, "127.0.0.1", port, ALICE)
+        )
+        answered = [await self.echo(client) for client, _ in held]
+        self.assertEqual(answered.count(True), 3, tree.log)
+
+    def test_max_connections_holds_across_workers(self) -> Deferred[None]:
+        return ensureDeferred(self._cap())
+
     def test_address_limit_holds_across_workers(self) -> Deferred[None]:
         return ensureDeferred(self._per_address())
 
