@@ -13,6 +13,7 @@ import sys
 from typing import Any
 
 from twisted.internet.address import IPv6Address
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactor, MemoryReactorClock
@@ -414,7 +415,18 @@ class WorkerPoolTests(SynchronousTestCase):
 
     def start(self) -> list[_Worker]:
         self.pool.startService()
-        return list(self.reactor.workers)
+        started = list(self.reactor.workers)
+        #: The workers asked over their channel to stop, by index.
+        self.asked: list[int] = []
+        for i, worker in enumerate(started, 1):
+            assert worker.remote is not None
+            worker.remote.on_stop = lambda i=i: self.asked.append(i)  # type: ignore[misc]
+        return started
+
+    def stop(self) -> Deferred[None]:
+        d: Deferred[None] = self.pool.stopService()
+        self.reactor.flush()
+        return d
 
     def live(self) -> list[_Worker]:
         return [w for w in self.reactor.workers if not w.process.gone]
@@ -506,8 +518,11 @@ class WorkerPoolTests(SynchronousTestCase):
         one, two = self.start()
         assert self.pool.sockets is not None
         sockets = [sock for listener in self.pool.sockets for sock in listener]
-        d = self.pool.stopService()
-        self.assertEqual((one.process.signals, two.process.signals), (["TERM"], ["TERM"]))
+        d = self.stop()
+        # Asked over the channel, not signalled: one that got SIGTERM from
+        # elsewhere too stops once.
+        self.assertEqual(self.asked, [1, 2])
+        self.assertEqual((one.process.signals, two.process.signals), ([], []))
         one.end(ProcessDone(0))
         self.assertNoResult(d)
         self.assertEqual(self.delays(), [10.0 + workers._KILL_GRACE])  # no restart
@@ -519,15 +534,24 @@ class WorkerPoolTests(SynchronousTestCase):
         self.assertEqual({sock.fileno() for sock in sockets}, {-1})
         self.assertEqual(self.warnings(), [])
 
+    def test_a_worker_whose_channel_is_gone_gets_sigterm(self) -> None:
+        one, two = self.start()
+        assert one.remote is not None
+        one.remote.transport.loseConnection()
+        self.reactor.flush()
+        self.stop()
+        self.assertEqual(self.asked, [2])
+        self.assertEqual((one.process.signals, two.process.signals), (["TERM"], []))
+
     def test_kill_follows_drain_and_grace(self) -> None:
         one, two = self.start()
-        d = self.pool.stopService()
+        d = self.stop()
         one.end(ProcessDone(0))
         self.reactor.advance(10.0 + workers._KILL_GRACE - 0.1)
-        self.assertEqual(two.process.signals, ["TERM"])
+        self.assertEqual(two.process.signals, [])
         self.reactor.advance(0.1)
-        self.assertEqual(two.process.signals, ["TERM", "KILL"])
-        self.assertEqual(one.process.signals, ["TERM"])
+        self.assertEqual(two.process.signals, ["KILL"])
+        self.assertEqual(one.process.signals, [])
         [warning] = self.warnings()
         self.assertIn("worker 2 did not stop in time; killing it", warning)
         self.assertNoResult(d)
@@ -537,8 +561,8 @@ class WorkerPoolTests(SynchronousTestCase):
     def test_stop_cancels_a_pending_restart(self) -> None:
         one, two = self.start()
         one.end(ProcessTerminated(signal=9))
-        d = self.pool.stopService()
-        self.assertEqual((one.process.signals, two.process.signals), ([], ["TERM"]))
+        d = self.stop()
+        self.assertEqual(self.asked, [2])
         two.end(ProcessDone(0))
         self.successResultOf(d)
         self.reactor.advance(60)

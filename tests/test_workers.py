@@ -45,7 +45,9 @@ class _WorkersCase(TestCase):
         self.state = Path(self.mktemp())
         self.state.mkdir()
 
-    async def start(self, *extra: str, config: str = "") -> tuple[Any, ProxyProcess, int]:
+    async def start(
+        self, *extra: str, config: str = "", own_group: bool = False
+    ) -> tuple[Any, ProxyProcess, int]:
         port = free_port()
         args = [
             "--listen",
@@ -70,7 +72,7 @@ class _WorkersCase(TestCase):
             args += ["--config", str(path)]
         elif "--secrets-file" not in extra:
             args += ["--secret", f"alice={ALICE.hex()}"]
-        tree = ProxyProcess(reactor, args)
+        tree = ProxyProcess(reactor, args, own_group=own_group)
         self.addCleanup(tree.kill)
         await tree.until(lambda: len(re.findall(r"worker \d started", tree.log)) == 2)
         await tree.until(lambda: len(listening_pids(tree.children(), port)) == 2)
@@ -164,6 +166,26 @@ class WorkersTests(_WorkersCase):
 
     def test_connections_spread_and_sigterm_stops_all(self) -> Deferred[None]:
         return ensureDeferred(self._spread())
+
+    async def _group(self) -> None:
+        import shutil
+
+        if shutil.which("setsid") is None:
+            raise self.skipTest("setsid is not installed")
+        _process, tree, port = await self.start(own_group=True)
+        client = self.track(await connect_client(reactor, "127.0.0.1", port, ALICE))
+        self.assertTrue(await self.echo(client))
+        # As systemd stops a unit (and timeout(1) its command): SIGTERM to
+        # every process at once, and again; each stops once, no traceback.
+        tree.signal_group(signal.SIGTERM)
+        tree.signal_group(signal.SIGTERM)
+        await tree.ended.addTimeout(20, reactor)
+        self.assertNotIn("Traceback", tree.log)
+        self.assertNotIn("#critical", tree.log)
+        self.assertEqual(len(re.findall(r"Main loop terminated", tree.log)), 3, tree.log)
+
+    def test_a_signal_to_the_whole_group_stops_each_once(self) -> Deferred[None]:
+        return ensureDeferred(self._group())
 
     async def _orphans(self) -> None:
         process, tree, _port = await self.start()

@@ -11,6 +11,7 @@ mtproxy [its options]`` with :data:`WORKER_ENV` set to ``INDEX`` and
 from __future__ import annotations
 
 import os
+import signal
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ __all__ = [
     "SOCKETS_ENV",
     "WORKER_ENV",
     "AdoptedEndpoint",
+    "StopOnce",
     "WorkerChannel",
     "WorkerSpec",
     "worker_endpoints",
@@ -111,6 +113,40 @@ def worker_endpoints(
     return endpoints
 
 
+class StopOnce:
+    """
+    SIGTERM and SIGINT stop the reactor once, however many arrive: systemd
+    and timeout(1) signal the whole process group while the parent asks its
+    workers too, and a second ``reactor.stop()`` is Twisted's "reactor not
+    running" traceback. Installed once the reactor runs (it installs its own
+    handlers then, after the services have started).
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+        self.stopping = False
+        reactor.addSystemEventTrigger("before", "shutdown", self._shutting_down)
+        reactor.callWhenRunning(self._install)
+
+    def _install(self) -> None:
+        for name in ("SIGTERM", "SIGINT"):
+            number = getattr(signal, name, None)
+            if number is not None:
+                signal.signal(number, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        # Nothing but scheduling happens inside a signal handler.
+        self.reactor.callFromThread(self.stop)
+
+    def _shutting_down(self) -> None:
+        self.stopping = True
+
+    def stop(self) -> None:
+        if not self.stopping:
+            self.stopping = True
+            self.reactor.stop()
+
+
 class WorkerChannel(Service):
     """
     Connects the worker's :class:`RemoteState` to its parent at start; when
@@ -125,16 +161,23 @@ class WorkerChannel(Service):
         self.remote = remote
         self.index = index
         remote.on_lost = self._parent_lost
+        remote.on_stop = self._stop
         self.claims = ClaimsClient()
         self.claims.on_lost = self._parent_lost
+        self._stop_once: StopOnce | None = None
 
     def _parent_lost(self) -> None:
-        if self.running:
+        if self.running and not (self._stop_once and self._stop_once.stopping):
             self.log.info("worker {index}: the parent is gone; stopping", index=self.index)
-            self.reactor.stop()
+            self._stop()
+
+    def _stop(self) -> None:
+        if self._stop_once is not None:
+            self._stop_once.stop()
 
     def startService(self) -> None:
         super().startService()
+        self._stop_once = StopOnce(self.reactor)
         self.reactor.adoptStreamConnection(
             CHANNEL_FD, socket.AF_UNIX, Factory.forProtocol(lambda: self.remote)
         )

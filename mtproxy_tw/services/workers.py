@@ -36,8 +36,14 @@ from twisted.python.failure import Failure
 from mtproxy_tw._twisted import systemd_descriptors
 from mtproxy_tw.links import endpoint_address
 from mtproxy_tw.services.proxy import ListenError
-from mtproxy_tw.services.worker import CHANNEL_FD, CLAIMS_FD, SOCKETS_ENV, WORKER_ENV
-from mtproxy_tw.shared.amp import Metrics, MiddleConfig, StateServer
+from mtproxy_tw.services.worker import (
+    CHANNEL_FD,
+    CLAIMS_FD,
+    SOCKETS_ENV,
+    WORKER_ENV,
+    StopOnce,
+)
+from mtproxy_tw.shared.amp import Metrics, MiddleConfig, StateServer, Stop
 from mtproxy_tw.shared.base import SharedState
 from mtproxy_tw.shared.channel import ClaimsServer
 
@@ -205,6 +211,7 @@ class WorkerPool(MultiService):
         #: counts are in by then); a Deferred answered is waited for.
         self.after_stop: list[Callable[[], Deferred[None] | None]] = []
         self._previous_hup: Any = None
+        self._stop_once: StopOnce | None = None
         self._backoff = backoffPolicy(initialDelay=0.5, maxDelay=30.0)
 
     # -- lifecycle
@@ -220,6 +227,8 @@ class WorkerPool(MultiService):
     def startService(self) -> None:
         self.open()
         super().startService()
+        if self._stop_once is None:
+            self._stop_once = StopOnce(self.reactor)
         self._stopping = False
         for slot in self.slots:
             self._spawn(slot)
@@ -246,7 +255,7 @@ class WorkerPool(MultiService):
                 continue
             slot.ended = Deferred()
             waiting.append(slot.ended)
-            self._signal(slot, "TERM")
+            self._ask_to_stop(slot)
         kill = self.reactor.callLater(self.drain_timeout + _KILL_GRACE, self._kill_all)
         if waiting:
             self.log.info("stopping {count} workers", count=len(waiting))
@@ -269,6 +278,19 @@ class WorkerPool(MultiService):
             if slot.process is not None:
                 self.log.warn("worker {index} did not stop in time; killing it", index=slot.index)
                 self._signal(slot, "KILL")
+
+    def _ask_to_stop(self, slot: _Slot) -> None:
+        """
+        Over the channel (a worker that got SIGTERM too stops once), else
+        with SIGTERM.
+        """
+        if slot.channel is None:
+            self._signal(slot, "TERM")
+            return
+        try:
+            slot.channel.callRemote(Stop)
+        except Exception:
+            self._signal(slot, "TERM")
 
     def _signal(self, slot: _Slot, name: str) -> None:
         if slot.process is None:

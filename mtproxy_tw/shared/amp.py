@@ -36,6 +36,7 @@ __all__ = [
     "RemoteState",
     "Seen",
     "StateServer",
+    "Stop",
 ]
 
 _CHUNK = 60000
@@ -104,6 +105,15 @@ class Metrics(amp.Command):
     """
 
     response = [(b"text", Chunked())]
+
+
+class Stop(amp.Command):
+    """
+    Stop as on SIGTERM (drain), unless already stopping: a worker that got
+    SIGTERM too (systemd signals the whole control group) stops once.
+    """
+
+    requiresAnswer = False
 
 
 class MiddleConfig(amp.Command):
@@ -227,6 +237,8 @@ class RemoteState(_Quiet):
         self.claims: Any = None
         #: Called when the parent's end closes.
         self.on_lost = lost
+        #: Called when the parent asks this worker to stop.
+        self.on_stop: Callable[[], None] = lambda: None
 
     # -- SharedState
 
@@ -260,6 +272,11 @@ class RemoteState(_Quiet):
     @Metrics.responder
     def metrics(self) -> dict[str, bytes]:
         return {"text": self.metrics_text()}
+
+    @Stop.responder
+    def stop(self) -> dict[str, Any]:
+        self.on_stop()
+        return {}
 
     @MiddleConfig.responder
     def take_middle_config(self, kind: str, body: bytes) -> dict[str, Any]:

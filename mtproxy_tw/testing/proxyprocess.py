@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -112,14 +113,24 @@ class ProxyProcess(ProcessProtocol):
     :ivar ended: fires with ``(exit code, signal)``.
     """
 
-    def __init__(self, reactor: Any, args: Sequence[str]) -> None:
+    def __init__(self, reactor: Any, args: Sequence[str], own_group: bool = False) -> None:
+        """
+        :param own_group: start it in a process group of its own (through
+            ``setsid``), as a service manager does, so a test can signal the
+            whole group (:meth:`signal_group`).
+        """
         self.reactor = reactor
         self.output = b""
         self.ended: Deferred[tuple[int | None, int | None]] = Deferred()
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
         command = [sys.executable, "-m", "twisted", "--log-format", "text", "mtproxy", *args]
-        self.process = reactor.spawnProcess(self, sys.executable, command, env=env)
+        if own_group:
+            setsid = shutil.which("setsid")
+            if setsid is None:
+                raise RuntimeError("setsid is not installed")
+            command = [setsid, *command]
+        self.process = reactor.spawnProcess(self, command[0], command, env=env)
         self.pid: int = self.process.pid
 
     @property
@@ -135,6 +146,12 @@ class ProxyProcess(ProcessProtocol):
         value = reason.value
         assert isinstance(value, ProcessDone | ProcessTerminated)
         self.ended.callback((value.exitCode, value.signal))
+
+    def signal_group(self, number: int) -> None:
+        """
+        Signal every process of its group (one started with ``own_group``).
+        """
+        os.killpg(self.pid, number)
 
     def children(self) -> list[int]:
         return [] if self.ended.called else children(self.pid)
