@@ -119,6 +119,15 @@ def build_parent(
         settings.drain_timeout,
     )
     pool.setServiceParent(top)
+    if settings.tls_enabled:
+        # The fronted sites are measured once, here, for every worker.
+        from mtproxy_tw.fronting.prober import ProfileService
+        from mtproxy_tw.proxy.core import ProxyCore
+
+        profiles = ProfileService(ProxyCore(settings, reactor), state_dir=state_path)
+        profiles.saved.append(pool.profiles_changed)
+        profiles.setServiceParent(top)
+        reactor.callWhenRunning(profiles.start_loop)
     middle = options.get("middle")
     if middle is not None:
         from mtproxy_tw.middle_options import telegram_config

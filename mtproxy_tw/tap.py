@@ -316,11 +316,13 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         options.get("listen-named-by"),
         endpoints=worker_endpoints(reactor, spec, options["listen"]) if spec else None,
         keep_replay=spec is None,
+        measure_sites=spec is None,
     )
     remote: RemoteState | None = None
     if spec is not None:
         # Before the proxy: the channel is up when the first client comes.
         remote = RemoteState()
+        remote.on_profiles = proxy.profiles.reload
         proxy.core.shared = remote
         WorkerChannel(reactor, remote, spec.index).setServiceParent(top)
     elif options["shared-state"] is not None:

@@ -275,6 +275,49 @@ class SharedAcrossWorkersTests(_WorkersCase):
     def test_replayed_hello_to_another_worker_is_fronted(self) -> Deferred[None]:
         return ensureDeferred(self._tls_replay())
 
+    async def _measured_once(self) -> None:
+        from mtproxy_tw.testing.fakesite import FakeSite
+
+        site = FakeSite("example.com")
+        site_port = site.listen(reactor)
+        self.addCleanup(site.close)
+        erin = parse_secret("erin=ee" + "e5" * 16 + b"example.com".hex(), "x")
+        process, tree, port = await self.start(
+            "--secret",
+            f"erin={erin.hex()}",
+            "--mask-host",
+            f"127.0.0.1:{site_port.getHost().port}",
+        )
+        await self.until(tree, lambda: "TLS answer of example.com" in tree.log)
+        await self.until(tree, lambda: all(c.lost.called for c in site.connections))
+        # One round of probes (3 of each hello shape), by the parent, not
+        # one per worker: the site sees the proxy's host measure it once.
+        self.assertEqual(len(site.connections), 6, tree.log)
+        self.assertEqual(tree.log.count("TLS answer of example.com"), 1, tree.log)
+        # Both workers answer hellos with the measured shape: a first
+        # flight of the site's record sizes.
+        import time
+
+        from mtproxy_tw.wire import faketls
+
+        held = await self.spread_clients(
+            process, port, 2, lambda: connect_raw(reactor, "127.0.0.1", port)
+        )
+        for client, _ in held:
+            client.write(faketls.build_client_hello(erin.key, "example.com", int(time.time())))
+        # (Without the parent's answers, each worker would pick a size at
+        # random, and the two would not meet.)
+        await self.until(
+            tree,
+            lambda: (
+                all(len(c.received) > 200 for c, _ in held)
+                and len({len(c.received) for c, _ in held}) == 1
+            ),
+        )
+
+    def test_the_fronted_site_is_measured_once_for_every_worker(self) -> Deferred[None]:
+        return ensureDeferred(self._measured_once())
+
     async def _user_limit(self) -> None:
         config = f'[users.alice]\nsecret = "{ALICE.hex()}"\nmax_connections = 3\n'
         process, tree, port = await self.start("--no-mask", config=config)

@@ -64,8 +64,17 @@ class ProfileService(Service):
         timeout: float = 5.0,
         state_dir: Path | None = None,
         retry_policy: Callable[[int], float] | None = None,
+        measuring: bool = True,
     ) -> None:
+        """
+        :param measuring: ``False`` in a worker of ``--workers``: its parent
+            measures the sites once for all of them, and the worker takes
+            the answers from the state directory (:meth:`reload`).
+        """
         self.core = core
+        self.measuring = measuring
+        #: Called after each save of the measured answers.
+        self.saved: list[Callable[[], None]] = []
         self.probes = probes
         self.prober = ProfileProber(core.reactor, timeout)
         self._loop = LoopingCall(self.refresh)
@@ -105,12 +114,24 @@ class ProfileService(Service):
                 domains=", ".join(loaded),
             )
 
+    def reload(self) -> None:
+        """
+        Take every answer saved in the state directory for the domains
+        served (measured by the workers' parent), replacing those held.
+        """
+        if self.store is None:
+            return
+        domains = self.core.settings.tls_domains
+        for domain, profile in self.store.load().items():
+            if domain in domains:
+                self.core.tls_profiles[domain] = profile
+
     def start_loop(self) -> None:
         """
         Start measuring: the proxy calls this once it is listening and has
         checked that no mask host is the proxy itself.
         """
-        if self.running and not self._loop.running:
+        if self.running and self.measuring and not self._loop.running:
             self._loop.start(self.interval, now=True).addErrback(
                 lambda f: self.log.failure("TLS profile loop stopped", f)
             )
@@ -270,3 +291,5 @@ class ProfileService(Service):
         domains = self.core.settings.tls_domains
         profiles = self.core.tls_profiles
         self.store.save({d: p for d, p in profiles.items() if d in domains})
+        for listener in list(self.saved):
+            listener()

@@ -88,12 +88,15 @@ class ProxyService(MultiService):
         *,
         endpoints: Sequence[IStreamServerEndpoint] | None = None,
         keep_replay: bool = True,
+        measure_sites: bool = True,
     ) -> None:
         """
         :param endpoints: what to listen on instead of parsing ``listen``
             (a worker's sockets, handed down by its parent).
         :param keep_replay: keep the replay cache in the state directory
             (a worker's parent keeps it instead).
+        :param measure_sites: measure the fronted sites' TLS answers (a
+            worker's parent measures them instead).
         """
         super().__init__()
         self.reactor = reactor
@@ -127,7 +130,9 @@ class ProxyService(MultiService):
             listener = Listener(endpoint, self.factory, settings.mss_clamp)
             listener.setServiceParent(self)
             self.listeners.append(listener)
-        self.profiles = ProfileService(self.core, state_dir=settings.state_dir)
+        self.profiles = ProfileService(
+            self.core, state_dir=settings.state_dir, measuring=measure_sites
+        )
         self.profiles.setServiceParent(self)
         #: Logs :meth:`log_stats` every ``stats_interval`` seconds (and
         #: once at start); ``None`` when the interval is 0.

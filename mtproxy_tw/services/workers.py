@@ -43,7 +43,7 @@ from mtproxy_tw.services.worker import (
     WORKER_ENV,
     StopOnce,
 )
-from mtproxy_tw.shared.amp import Metrics, MiddleConfig, StateServer, Stop
+from mtproxy_tw.shared.amp import Metrics, MiddleConfig, ProfilesChanged, StateServer, Stop
 from mtproxy_tw.shared.base import SharedState
 from mtproxy_tw.shared.channel import ClaimsServer
 
@@ -421,6 +421,14 @@ class WorkerPool(MultiService):
         for slot in self.slots:
             if slot.channel is not None:
                 self._hand_down(slot.channel, kind, body)
+
+    def profiles_changed(self) -> None:
+        """
+        The fronted sites were measured again: every worker takes the answers.
+        """
+        for slot in self.slots:
+            if slot.channel is not None:
+                slot.channel.callRemote(ProfilesChanged)
 
     def _hand_down(self, channel: StateServer, kind: str, body: bytes) -> None:
         d = channel.callRemote(MiddleConfig, kind=kind, body=body)

@@ -32,6 +32,7 @@ __all__ = [
     "Chunked",
     "Metrics",
     "MiddleConfig",
+    "ProfilesChanged",
     "Release",
     "RemoteState",
     "Seen",
@@ -111,6 +112,15 @@ class Stop(amp.Command):
     """
     Stop as on SIGTERM (drain), unless already stopping: a worker that got
     SIGTERM too (systemd signals the whole control group) stops once.
+    """
+
+    requiresAnswer = False
+
+
+class ProfilesChanged(amp.Command):
+    """
+    The parent measured the fronted sites again: their answers are in the
+    state directory.
     """
 
     requiresAnswer = False
@@ -239,6 +249,8 @@ class RemoteState(_Quiet):
         self.on_lost = lost
         #: Called when the parent asks this worker to stop.
         self.on_stop: Callable[[], None] = lambda: None
+        #: Called when the parent has measured the fronted sites again.
+        self.on_profiles: Callable[[], None] = lambda: None
 
     # -- SharedState
 
@@ -272,6 +284,11 @@ class RemoteState(_Quiet):
     @Metrics.responder
     def metrics(self) -> dict[str, bytes]:
         return {"text": self.metrics_text()}
+
+    @ProfilesChanged.responder
+    def profiles_changed(self) -> dict[str, Any]:
+        self.on_profiles()
+        return {}
 
     @Stop.responder
     def stop(self) -> dict[str, Any]:
