@@ -70,6 +70,27 @@ class TrimPolicyTests(SynchronousTestCase):
             self.assertFalse(self.policy.check())
         self.assertEqual(p.trimmed, 1)
 
+    def test_cycles_are_collected_before_the_trim(self) -> None:
+        """
+        An idle process allocates too little for the collector to run: the
+        closed connections' cycles are collected first, then trimmed.
+        """
+        p = self.process
+        order: list[str] = []
+
+        def trim() -> bool:
+            order.append("trim")
+            return p.trim()
+
+        policy = TrimPolicy(p.load, p.rss, trim, collect=lambda: order.append("collect"))
+        policy.check()
+        p.burst(1000, 500 * MB, 80 * MB)
+        policy.check()
+        p.free = 70 * MB
+        p.burst(0, 0, 0)
+        self.assertTrue(policy.check())
+        self.assertEqual(order, ["collect", "trim"])
+
     def test_bytes_falling_with_the_connections_open(self) -> None:
         p = self.process
         p.burst(2000, 800 * MB, 40 * MB)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import os
 import time
 from collections.abc import Callable
@@ -120,10 +121,15 @@ class TrimPolicy:
         rss: Callable[[], int | None] = current_rss,
         trim: Callable[[], bool | None] = malloc_trim,
         timer: Callable[[], float] = time.perf_counter,
+        collect: Callable[[], object] = gc.collect,
     ) -> None:
         self.load = load
         self.rss = rss
         self.trim = trim
+        #: Frees the connections' reference cycles first: an idle process
+        #: allocates too little for the collector to run by itself, and the
+        #: memory of closed connections would stay taken until it does.
+        self.collect = collect
         self.timer = timer
         self.trims = 0
         self.last_cost = 0.0
@@ -154,6 +160,7 @@ class TrimPolicy:
             if grown < GROWTH_BYTES or grown < self._base * GROWTH_SHARE:
                 return False
         started = self.timer()
+        self.collect()
         if self.trim() is None:  # not glibc: nothing to hand back with
             self.load = lambda: (0, 0)
             return False
