@@ -39,7 +39,7 @@ class FleetTests(TestCase):
         self.addCleanup(self._stop_fake_dc)
         self.dc_port = dc.getHost().port
 
-    async def host(self, config: str = "") -> tuple[ProxyProcess, int]:
+    async def host(self, config: str = "", *extra: str) -> tuple[ProxyProcess, int]:
         state = Path(self.mktemp())
         state.mkdir(parents=True)
         port = free_port()
@@ -59,6 +59,7 @@ class FleetTests(TestCase):
             "--no-mask",
             "--shared-state",
             f"redis://127.0.0.1:{self.redis.port}/0",
+            *extra,
         ]
         if config:
             (state / "proxy.toml").write_text(config)
@@ -145,3 +146,22 @@ class FleetTests(TestCase):
 
     def test_limits_and_quota_hold_across_hosts(self) -> Deferred[None]:
         return ensureDeferred(self._limits())
+
+    async def _workers(self) -> None:
+        config = f'[users.alice]\nsecret = "{ALICE.hex()}"\nmax_connections = 2\n'
+        (a, a_port), (b, b_port) = (
+            await self.host(config, "--workers", "2"),
+            await self.host(config),
+        )
+        await self.until(a, lambda: len(a.children()) == 2 and "worker 2 started" in a.log)
+        # A host of two workers is one member of the fleet: its workers'
+        # claims go through its parent to Redis.
+        on_a, on_b = await self.connect(a_port), await self.connect(b_port)
+        self.assertTrue(await self.echo(on_a), a.log)
+        self.assertTrue(await self.echo(on_b), b.log)
+        for port in (a_port, a_port, b_port):
+            self.assertFalse(await self.echo(await self.connect(port)))
+        self.assertNotIn("Traceback", a.log)
+
+    def test_a_host_with_workers_is_one_member(self) -> Deferred[None]:
+        return ensureDeferred(self._workers())
