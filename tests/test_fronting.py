@@ -812,9 +812,11 @@ class ProfileTests(FrontingHarness):
         return self.run_async(self._cipher())
 
     async def _fallback(self) -> None:
-        closed = reactor.listenTCP(0, Factory(), interface=LOCAL)
-        nowhere = Address(LOCAL, _port_number(closed))
-        await closed.stopListening()
+        # Bound, not listening: refused, and never handed to the proxy's tcp:0.
+        held = socket.socket()
+        self.addCleanup(held.close)
+        held.bind((LOCAL, 0))
+        nowhere = Address(LOCAL, held.getsockname()[1])
         await self.start(mask_host=nowhere)
         assert self.service.profiles is not None
         self.assertEqual(self.service.core.tls_profiles, {})

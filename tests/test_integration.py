@@ -5,6 +5,7 @@ The whole direct-mode path on loopback: test client -> ProxyService -> FakeDC.
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -13,7 +14,6 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.interfaces import IListeningPort
-from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.trial.unittest import TestCase
 
@@ -326,9 +326,12 @@ class RoutingTests(ProxyHarness):
         return self.run_async(self._ipv6())
 
     async def _unreachable(self) -> None:
-        closed = reactor.listenTCP(0, Factory(), interface=LOCAL)
-        nowhere = Address(LOCAL, _port_number(closed))
-        await closed.stopListening()
+        # A port bound but not listening: connecting is refused, and no
+        # listener of this test (the proxy's own tcp:0) can be given it.
+        held = socket.socket()
+        self.addCleanup(held.close)
+        held.bind((LOCAL, 0))
+        nowhere = Address(LOCAL, held.getsockname()[1])
         await self.start(more_dcs={3: nowhere})
         client = await self.client(SECURE, dc=3)
         client.send(b"ping")
