@@ -7,37 +7,31 @@ stops nothing.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import deferLater
-from twisted.trial.unittest import TestCase
 
-from mtproxy_tw.testing import FakeDC, connect_client
+from mtproxy_tw.testing import connect_client
 from mtproxy_tw.testing.clients import ObfuscatedClient, connect_raw
 from mtproxy_tw.testing.proxyprocess import ProxyProcess, free_port
 from mtproxy_tw.testing.redisserver import RedisServer
 from mtproxy_tw.wire.obfuscated2 import TAG_PADDED, generate_init
 from mtproxy_tw.wire.secrets import parse_secret
 
+from .processes import ProcessCase
+
 reactor: Any = _reactor
 ALICE = parse_secret("alice=dd" + "5a" * 16, "x")
 
 
-class FleetTests(TestCase):
-    timeout = 120
-
+class FleetTests(ProcessCase):
     def setUp(self) -> None:
         self.redis = RedisServer.start_or_skip(self.mktemp())
         self.addCleanup(self.redis.stop)
-        self.fake = FakeDC(reactor)
-        dc = reactor.listenTCP(0, self.fake, interface="127.0.0.1")
-        self.addCleanup(dc.stopListening)
-        self.addCleanup(self._stop_fake_dc)
-        self.dc_port = dc.getHost().port
+        super().setUp()
 
     async def host(self, config: str = "", *extra: str) -> tuple[ProxyProcess, int]:
         state = Path(self.mktemp())
@@ -71,38 +65,8 @@ class FleetTests(TestCase):
         await self.until(proxy, lambda: "tg://proxy" in proxy.log)
         return proxy, port
 
-    async def _stop_fake_dc(self) -> None:
-        # After the proxy is gone: its connections may not have closed yet.
-        for conn in self.fake.live():
-            conn.transport.abortConnection()
-            await conn.lost
-
-    async def until(self, proxy: ProxyProcess, condition: Any, seconds: float = 30) -> None:
-        try:
-            await proxy.until(condition, seconds)
-        except AssertionError as e:
-            self.fail(str(e))
-
-    def track(self, client: Any) -> Any:
-        def close() -> Any:
-            if client.lost.called:
-                return None
-            client.transport.abortConnection()
-            return client.lost
-
-        self.addCleanup(close)
-        return client
-
     async def connect(self, port: int) -> ObfuscatedClient:
         return self.track(await connect_client(reactor, "127.0.0.1", port, ALICE))
-
-    async def echo(self, client: ObfuscatedClient, size: int = 100) -> bool:
-        payload = b"\x01" + os.urandom(size - 1)
-        try:
-            answer = await client.request(payload).addTimeout(5, reactor)
-        except Exception:
-            return False
-        return bool(answer == payload)
 
     async def _replay(self) -> None:
         (a, a_port), (b, b_port) = await self.host(), await self.host()

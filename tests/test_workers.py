@@ -14,10 +14,9 @@ from typing import Any
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import deferLater
-from twisted.trial.unittest import TestCase
 
-from mtproxy_tw.testing import FakeDC, connect_client
-from mtproxy_tw.testing.clients import ObfuscatedClient, connect_raw
+from mtproxy_tw.testing import connect_client
+from mtproxy_tw.testing.clients import connect_raw
 from mtproxy_tw.testing.proxyprocess import (
     ProxyProcess,
     children,
@@ -28,20 +27,16 @@ from mtproxy_tw.testing.proxyprocess import (
 from mtproxy_tw.wire.obfuscated2 import TAG_PADDED, generate_init
 from mtproxy_tw.wire.secrets import parse_secret
 
+from .processes import ProcessCase
+
 reactor: Any = _reactor
 ALICE = parse_secret("alice=dd" + "5a" * 16, "x")
 BOB = parse_secret("bob=dd" + "6b" * 16, "x")
 
 
-class _WorkersCase(TestCase):
-    timeout = 120
-
+class _WorkersCase(ProcessCase):
     def setUp(self) -> None:
-        self.fake = FakeDC(reactor)
-        dc = reactor.listenTCP(0, self.fake, interface="127.0.0.1")
-        self.addCleanup(dc.stopListening)
-        self.addCleanup(self._stop_fake_dc)
-        self.dc_port = dc.getHost().port
+        super().setUp()
         self.state = Path(self.mktemp())
         self.state.mkdir()
 
@@ -78,18 +73,6 @@ class _WorkersCase(TestCase):
         await tree.until(lambda: len(listening_pids(tree.children(), port)) == 2)
         return tree.process, tree, port
 
-    async def _stop_fake_dc(self) -> None:
-        # After the proxy is gone: its connections may not have closed yet.
-        for conn in self.fake.live():
-            conn.transport.abortConnection()
-            await conn.lost
-
-    async def until(self, tree: ProxyProcess, condition: Any, seconds: float = 30) -> None:
-        try:
-            await tree.until(condition, seconds)
-        except AssertionError as e:
-            self.fail(str(e))
-
     async def spread_clients(
         self, process: Any, port: int, count: int, make: Any
     ) -> list[tuple[Any, int]]:
@@ -110,28 +93,6 @@ class _WorkersCase(TestCase):
                 break
         self.assertEqual(len({o for _, o in held} - {None}), 2, "never reached the second worker")
         return held
-
-    def track(self, client: Any) -> Any:
-        """
-        Close ``client`` at the end of the test, whatever happened.
-        """
-
-        def close() -> Any:
-            if client.lost.called:
-                return None
-            client.transport.abortConnection()
-            return client.lost
-
-        self.addCleanup(close)
-        return client
-
-    async def echo(self, client: ObfuscatedClient, size: int = 100) -> bool:
-        payload = b"\x01" + os.urandom(size - 1)
-        try:
-            answer = await client.request(payload).addTimeout(5, reactor)
-        except Exception:
-            return False
-        return bool(answer == payload)
 
 
 class WorkersTests(_WorkersCase):
