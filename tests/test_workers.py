@@ -32,6 +32,7 @@ from .processes import ProcessCase
 reactor: Any = _reactor
 ALICE = parse_secret("alice=dd" + "5a" * 16, "x")
 BOB = parse_secret("bob=dd" + "6b" * 16, "x")
+ERIN = parse_secret("erin=ee" + "e5" * 16 + b"example.com".hex(), "x")
 
 
 class _WorkersCase(ProcessCase):
@@ -184,23 +185,30 @@ class SharedAcrossWorkersTests(_WorkersCase):
     def test_replay_to_another_worker_is_caught(self) -> Deferred[None]:
         return ensureDeferred(self._replay())
 
-    async def _tls_replay(self) -> None:
-        import time
-
+    async def start_fronting(self) -> tuple[Any, Any, ProxyProcess, int]:
+        """
+        Two workers with ERIN's fake-TLS secret, fronting a FakeSite.
+        """
         from mtproxy_tw.testing.fakesite import FakeSite
-        from mtproxy_tw.wire import faketls
 
         site = FakeSite("example.com")
         site_port = site.listen(reactor)
         self.addCleanup(site.close)
-        erin = parse_secret("erin=ee" + "e5" * 16 + b"example.com".hex(), "x")
         process, tree, port = await self.start(
             "--secret",
-            f"erin={erin.hex()}",
+            f"erin={ERIN.hex()}",
             "--mask-host",
             f"127.0.0.1:{site_port.getHost().port}",
         )
-        hello = faketls.build_client_hello(erin.key, "example.com", int(time.time()))
+        return site, process, tree, port
+
+    async def _tls_replay(self) -> None:
+        import time
+
+        from mtproxy_tw.wire import faketls
+
+        site, process, tree, port = await self.start_fronting()
+        hello = faketls.build_client_hello(ERIN.key, "example.com", int(time.time()))
         held = await self.spread_clients(
             process, port, 4, lambda: connect_raw(reactor, "127.0.0.1", port)
         )
@@ -237,18 +245,7 @@ class SharedAcrossWorkersTests(_WorkersCase):
         return ensureDeferred(self._tls_replay())
 
     async def _measured_once(self) -> None:
-        from mtproxy_tw.testing.fakesite import FakeSite
-
-        site = FakeSite("example.com")
-        site_port = site.listen(reactor)
-        self.addCleanup(site.close)
-        erin = parse_secret("erin=ee" + "e5" * 16 + b"example.com".hex(), "x")
-        process, tree, port = await self.start(
-            "--secret",
-            f"erin={erin.hex()}",
-            "--mask-host",
-            f"127.0.0.1:{site_port.getHost().port}",
-        )
+        site, process, tree, port = await self.start_fronting()
         await self.until(tree, lambda: "TLS answer of example.com" in tree.log)
         await self.until(tree, lambda: all(c.lost.called for c in site.connections))
         # One round of probes (3 of each hello shape), by the parent, not
@@ -265,7 +262,7 @@ class SharedAcrossWorkersTests(_WorkersCase):
             process, port, 2, lambda: connect_raw(reactor, "127.0.0.1", port)
         )
         for client, _ in held:
-            client.write(faketls.build_client_hello(erin.key, "example.com", int(time.time())))
+            client.write(faketls.build_client_hello(ERIN.key, "example.com", int(time.time())))
         # (Without the parent's answers, each worker would pick a size at
         # random, and the two would not meet.)
         await self.until(
