@@ -21,6 +21,10 @@ everything that does not fit. It does so only on a plain TCP connection
 
 The listening socket. :func:`clamp_mss` sets ``TCP_MAXSEG`` on
 ``tcp.Port.socket``, the port's socket (an attribute, in no interface).
+:func:`listen_no_delay` sets ``TCP_NODELAY`` there: Linux hands it to every
+socket it accepts, so :func:`no_delay` can skip its ``setsockopt`` for a
+connection whose ``tcp.Server.server`` (the port that accepted it) has it,
+one system call less per client.
 
 Accept failures. ``tcp.Port`` logs one event per connection it cannot
 accept; :func:`route_accept_log` sends one port's events to an observer
@@ -54,6 +58,8 @@ import contextlib
 import ctypes
 import ctypes.util
 import socket
+import sys
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -72,6 +78,7 @@ __all__ = [
     "fileno",
     "give_back",
     "hand_over",
+    "listen_no_delay",
     "no_delay",
     "plain_tcp",
     "route_accept_log",
@@ -187,13 +194,23 @@ def write(transport: Any, data: bytes) -> None:
     transport.write(data)
 
 
+#: Listening ports whose accepted sockets have ``TCP_NODELAY`` already.
+_NO_DELAY_PORTS: weakref.WeakSet[tcp.Port] = weakref.WeakSet()
+
+#: Whether accepted sockets inherit ``TCP_NODELAY`` from the listening one.
+_INHERITS_NO_DELAY = sys.platform.startswith("linux")
+
+
 def no_delay(transport: Any) -> None:
     """
     Turn Nagle's algorithm off: MTProto packets are small and latency-bound,
     and every write here is already one whole chunk.
 
     ``setTcpNoDelay`` is public (``ITCPTransport``); a wrapper passes it on.
+    A connection accepted by a port of :func:`listen_no_delay` has it already.
     """
+    if type(transport) is tcp.Server and transport.server in _NO_DELAY_PORTS:
+        return
     set_no_delay = getattr(transport, "setTcpNoDelay", None)
     if set_no_delay is not None:
         with contextlib.suppress(OSError):
@@ -222,6 +239,25 @@ def clamp_mss(port: object, mss: int) -> bool:
         listening.setsockopt(socket.IPPROTO_TCP, option, mss)
     except OSError:
         return False
+    return True
+
+
+def listen_no_delay(port: object) -> bool:
+    """
+    Set ``TCP_NODELAY`` on the listening ``port``'s socket, so that the
+    connections it accepts start with Nagle's algorithm off; return whether
+    they do (a TCP port, on Linux).
+    """
+    listening = getattr(port, "socket", None) if isinstance(port, tcp.Port) else None
+    if not _INHERITS_NO_DELAY or not isinstance(listening, socket.socket):
+        return False
+    if listening.family not in (socket.AF_INET, socket.AF_INET6):
+        return False
+    try:
+        listening.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        return False
+    _NO_DELAY_PORTS.add(port)  # type: ignore[arg-type]
     return True
 
 

@@ -5,6 +5,7 @@ the stats line.
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -79,6 +80,27 @@ class ListenerTests(SynchronousTestCase):
         listener = Listener(Endpoint(pending), Factory())  # type: ignore[arg-type]
         listener.startService()
         self.assertIsNone(self.successResultOf(listener.stopService()))
+
+    def test_tcp_clients_start_without_nagle(self) -> None:
+        """
+        A TCP listener's socket has ``TCP_NODELAY``, for the clients it
+        accepts to inherit (Linux).
+        """
+        from twisted.internet import reactor
+        from twisted.internet.endpoints import TCP4ServerEndpoint
+
+        from mtproxy_tw import _twisted
+
+        listener = Listener(
+            TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"),  # type: ignore[arg-type]
+            Factory(),
+        )
+        listener.startService()
+        self.addCleanup(listener.stopService)
+        assert listener.port is not None
+        port: Any = self.successResultOf(listener.port)
+        option = port.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        self.assertEqual(bool(option), _twisted._INHERITS_NO_DELAY)
 
     def test_restart_listens_again(self) -> None:
         endpoint = Endpoint(succeed(Port()), succeed(Port()))

@@ -25,7 +25,7 @@ from twisted.protocols.haproxy import proxyEndpoint
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from mtproxy_tw import _twisted
 
@@ -493,6 +493,46 @@ class LiveTransportTests(TestCase):
 
         return ensureDeferred(check())
 
+    def test_accepted_connection_has_its_port_as_server(self) -> None:
+        """
+        ``tcp.Server.server`` is the port that accepted the connection.
+        """
+        made: Deferred[Any] = Deferred()
+
+        class End(Protocol):
+            def connectionMade(self) -> None:
+                made.callback(self.transport)
+
+        port = reactor.listenTCP(0, Factory.forProtocol(End), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        client = socket.create_connection(("127.0.0.1", port.getHost().port))
+        self.addCleanup(client.close)
+
+        async def check() -> None:
+            server = await made
+            self.assertIs(server.server, port)
+            server.loseConnection()
+
+        return ensureDeferred(check())
+
+    def test_accepted_sockets_inherit_TCP_NODELAY(self) -> None:
+        """
+        On Linux a socket accepted from a listening socket with
+        ``TCP_NODELAY`` has it too.
+        """
+        if not _twisted._INHERITS_NO_DELAY:
+            raise SkipTest("not Linux: the option is set on each connection")
+        for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+            with socket.socket(family, socket.SOCK_STREAM) as listening:
+                listening.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                listening.bind((host, 0))
+                listening.listen(1)
+                with socket.create_connection(listening.getsockname()[:2]):
+                    accepted, _ = listening.accept()
+                    with accepted:
+                        option = accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+                        self.assertTrue(option, family)
+
 
 class AcceptLogTests(SynchronousTestCase):
     def test_other_ports_left_alone(self) -> None:
@@ -532,6 +572,61 @@ def listening_port(test: SynchronousTestCase) -> tcp.Port:
 
     test.addCleanup(close)
     return port
+
+
+class ListenNoDelayTests(TestCase):
+    def test_sets_the_listening_socket_option(self) -> None:
+        port = listening_port(self)
+        self.assertEqual(_twisted.listen_no_delay(port), _twisted._INHERITS_NO_DELAY)
+        option = port.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        self.assertEqual(bool(option), _twisted._INHERITS_NO_DELAY)
+
+    def test_other_ports_left_alone(self) -> None:
+        self.assertFalse(_twisted.listen_no_delay(object()))
+        self.assertFalse(_twisted.listen_no_delay(MemoryReactor().listenTCP(0, Factory())))
+
+    def test_unix_port_left_alone(self) -> None:
+        path = os.path.join(self.mktemp())
+        port = reactor.listenUNIX(path, Factory.forProtocol(Protocol))
+        self.addCleanup(port.stopListening)
+        self.assertFalse(_twisted.listen_no_delay(port))
+
+    def test_accepted_connections_skip_the_call(self) -> None:
+        """
+        A connection accepted by a port with the option is not asked to set
+        it again, and has it; one of another port is asked.
+        """
+        asked: list[bool] = []
+        made: list[Deferred[Any]] = [Deferred(), Deferred()]
+
+        class End(Protocol):
+            def connectionMade(self) -> None:
+                transport: Any = self.transport
+                transport.setTcpNoDelay = asked.append
+                _twisted.no_delay(transport)
+                made[self.factory.index].callback(transport)  # type: ignore[attr-defined]
+
+        ports = []
+        for index in range(2):
+            factory: Any = Factory.forProtocol(End)
+            factory.index = index
+            port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+            self.addCleanup(port.stopListening)
+            ports.append(port)
+        if not _twisted.listen_no_delay(ports[0]):
+            raise SkipTest("accepted sockets do not inherit TCP_NODELAY here")
+        clients = [socket.create_connection(("127.0.0.1", p.getHost().port)) for p in ports]
+        for client in clients:
+            self.addCleanup(client.close)
+
+        async def check() -> None:
+            first, second = [await d for d in made]
+            self.assertEqual(asked, [True])  # the second port's connection only
+            self.assertTrue(first.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            first.loseConnection()
+            second.loseConnection()
+
+        return ensureDeferred(check())
 
 
 class ClampMSSTests(SynchronousTestCase):

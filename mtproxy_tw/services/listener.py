@@ -11,7 +11,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mtproxy_tw._twisted import clamp_mss
+from mtproxy_tw._twisted import clamp_mss, listen_no_delay
 
 __all__ = ["Listener"]
 
@@ -75,6 +75,7 @@ class Listener(Service):
 
     def _listened(self, port: IListeningPort) -> IListeningPort:
         self._listening = port
+        listen_no_delay(port)  # the clients' sockets start with it: no call each
         if self.mss is not None and not clamp_mss(port, self.mss):
             self.log.warn("--mss-clamp: {port} is not TCP; not clamped", port=port.getHost())
         return port
