@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from mtproxy_tw.proxy.users import counted_address
@@ -61,14 +61,15 @@ class Admission:
             self.refused = users.check_address(address)
             users.attach_address(conn, address)
 
-    def start(self) -> Deferred[str | None]:
+    def start(self) -> str | Deferred[str | None] | None:
         """
-        The limit that refuses the connection whatever it sends, once the
-        shared state has counted it (at once where it is this process's).
+        The limit that refuses the connection whatever it sends: at once
+        where the shared state is this process's own, else once it has
+        counted the connection.
         """
         shared = self.core.shared
         if self.refused is not None or not shared.distributed:
-            return succeed(self.refused)
+            return self.refused
         claims = []
         users = self.core.users
         per_ip = users.per_ip_limit if users is not None else None
@@ -78,7 +79,7 @@ class Admission:
         if cap is not None:
             claims.append(Claim("max-connections", "global", cap, fleet=False))
         if not claims:
-            return succeed(None)
+            return None
         return self._claim(claims)
 
     def _claim(self, claims: list[Claim]) -> Deferred[str | None]:
@@ -107,12 +108,15 @@ class Admission:
         result: str | None = users.check_user(user, self.address, self.core.reactor.seconds())
         return result
 
-    def consult(self, key: bytes, secret: Secret) -> Deferred[str | None]:
+    def consult(self, key: bytes, secret: Secret) -> str | Deferred[str | None] | None:
         """
         The shared state's verdict on a valid hello or init: ``"replay"``,
-        a limit of the user's (its claims taken), or ``None``.
+        a limit of the user's (its claims taken), or ``None``; at once
+        where the shared state is this process's own.
         """
         shared: SharedState = self.core.shared
+        if not shared.distributed:
+            return "replay" if shared.seen_now(key) else None
         seen = shared.seen(key)
         claims = self._user_claims(secret) if shared.distributed else []
 

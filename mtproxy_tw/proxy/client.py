@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
@@ -110,6 +111,9 @@ class ClientProtocol(Protocol):
             self.settings.handshake_timeout, self._handshake_timed_out
         )
         started = admission.start()
+        if not isinstance(started, Deferred):
+            self._admitted(started, False)
+            return
         paused = not started.called
         if paused:  # the shared state is counting it: nothing read till then
             self.transport.pauseProducing()
@@ -207,6 +211,9 @@ class ClientProtocol(Protocol):
         if isinstance(decision, Consult):
             assert self._admission is not None
             consulted = self._admission.consult(decision.key, decision.secret)
+            if not isinstance(consulted, Deferred):
+                self._consulted(consulted, False)
+                return
             paused = not consulted.called
             if paused:  # nothing more is read until the answer: bounded
                 self.transport.pauseProducing()

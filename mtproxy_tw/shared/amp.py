@@ -254,6 +254,9 @@ class RemoteState(_Quiet):
 
     # -- SharedState
 
+    def seen_now(self, key: bytes) -> bool:
+        raise NotImplementedError("a distributed state is asked through seen()")
+
     def seen(self, key: bytes) -> Deferred[bool]:
         if self.claims is not None:
             seen: Deferred[bool] = self.claims.seen(key)

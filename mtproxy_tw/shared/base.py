@@ -58,6 +58,12 @@ class SharedState(Protocol):
     #: fleet): the proxy then also claims what one process enforces alone.
     distributed: bool
 
+    def seen_now(self, key: bytes) -> bool:
+        """
+        :meth:`seen`, answered at once: only where the state is not
+        ``distributed`` (this process's own).
+        """
+
     def seen(self, key: bytes) -> Deferred[bool]:
         """
         Record a handshake's key: ``True`` when it was recorded before,

@@ -127,6 +127,9 @@ class LocalState:
         self.counters = Counters()
         self.usage: dict[str, int] = dict(usage or {})
 
+    def seen_now(self, key: bytes) -> bool:
+        return self.replay.check_and_add(key)
+
     def seen(self, key: bytes) -> Deferred[bool]:
         return succeed(self.replay.check_and_add(key))
 

@@ -158,6 +158,9 @@ class RedisState:
 
     # -- SharedState -------------------------------------------------------
 
+    def seen_now(self, key: bytes) -> bool:
+        raise NotImplementedError("a distributed state is asked through seen()")
+
     def seen(self, key: bytes) -> Deferred[bool]:
         replay = self.fallback.replay
         if replay.check_and_add(key):
