@@ -392,6 +392,8 @@ class SharedStateURLTests(SynchronousTestCase):
             " redis://cache:6380/2 ": RedisURL("cache", 6380, 2, None),
             "redis://:pw@10.0.0.5/3": RedisURL("10.0.0.5", 6379, 3, "pw"),
             "redis://[::1]:7000/": RedisURL("::1", 7000, 0, None),
+            # Percent-encoded: the password as Redis is to be given it.
+            "redis://:p%40ss%2Fw%3Ard%25@cache/1": RedisURL("cache", 6379, 1, "p@ss/w:rd%"),
         }
         for text, expected in cases.items():
             self.assertEqual(tuple(shared_state(text)), tuple(expected), text)
@@ -408,6 +410,8 @@ class SharedStateURLTests(SynchronousTestCase):
             "redis://cache:99999/0",
             "redis://cache/0?timeout=1",
             "redis://[::1/0",
+            "redis://admin:pw@cache/0",
+            "redis://admin@cache/0",
         ]:
             with self.assertRaises(ValueError, msg=text):
                 shared_state(text)

@@ -13,7 +13,7 @@ import ipaddress
 import re
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from mtproxy_tw.links import split_public_host
 from mtproxy_tw.wire.chain import BackProxy, parse_back_proxy
@@ -306,8 +306,9 @@ class RedisURL(NamedTuple):
 
 def shared_state(value: Any) -> RedisURL:
     """
-    ``redis://[:PASSWORD@]HOST[:PORT][/DB]``; a refusal never repeats the
-    password.
+    ``redis://[:PASSWORD@]HOST[:PORT][/DB]``, the password percent-encoded
+    where it holds ``@``, ``/``, ``:`` or ``%``; a refusal never repeats
+    the password.
     """
     text = str(value).strip()
     try:
@@ -324,7 +325,11 @@ def shared_state(value: Any) -> RedisURL:
         raise ValueError("the database is a number (redis://HOST:PORT/0)")
     if parts.query or parts.fragment:
         raise ValueError("the URL takes no query")
-    return RedisURL(parts.hostname, port or 6379, int(path or 0), parts.password or None)
+    if parts.username:
+        # AUTH with a user name (Redis ACLs) is not spoken: never drop it silently.
+        raise ValueError("a Redis user name is not supported: redis://:PASSWORD@HOST:PORT/DB")
+    password = unquote(parts.password) if parts.password else None
+    return RedisURL(parts.hostname, port or 6379, int(path or 0), password)
 
 
 def usable_cores() -> int:
