@@ -59,10 +59,8 @@ _member_claim = st.builds(
     Claim, name=st.just("ips"), counter=st.sampled_from(_MEMBERED), limit=_limits,
     member=st.sampled_from(["1.1.1.1", "2.2.2.2", "3.3.3.3", "4.4.4.4"]),
 )  # fmt: skip
-# One claim per counter in a call, as the proxy asks.
-_claims = st.lists(
-    st.one_of(_plain_claim, _member_claim), max_size=4, unique_by=lambda c: c.counter
-)
+# Several claims of one call may name the same counter: each counts those before it.
+_claims = st.lists(st.one_of(_plain_claim, _member_claim), max_size=4)
 _operations = st.lists(
     st.one_of(
         st.tuples(st.just("acquire"), st.sampled_from(_HOLDERS), _claims),
@@ -96,6 +94,20 @@ class _Model:
             return False
         return self.count(claim.counter) >= claim.limit
 
+    def first_refused(self, claims: list[Claim]) -> str | None:
+        """
+        The name of the first claim refused, those before it taken.
+        """
+        held = list(self.held)
+        try:
+            for claim in claims:
+                if self.refused(claim):
+                    return claim.name
+                self.held.append(("(this call)", claim.counter, claim.member))
+            return None
+        finally:
+            self.held = held
+
     def snapshot(self) -> dict[str, int]:
         counts = {c: self.count(c) for c in _PLAIN + _MEMBERED}
         return {c: n for c, n in counts.items() if n}
@@ -118,8 +130,8 @@ class CountersModelTests(SynchronousTestCase):
                     self.assertEqual(released, [])
                     self.assertEqual(counters.snapshot(), before)
             else:
-                expected = next((c.name for c in claims if model.refused(c)), None)
-                already = {c.counter: model.has_member(c.counter, c.member) for c in claims}
+                expected = model.first_refused(claims)
+                already = [model.has_member(c.counter, c.member) for c in claims]
                 refused = counters.acquire(holder, claims)
                 self.assertEqual(refused, expected)
                 if refused is not None:
@@ -127,8 +139,11 @@ class CountersModelTests(SynchronousTestCase):
                     self.assertEqual(counters.snapshot(), before)
                     continue
                 model.held.extend((holder, c.counter, c.member) for c in claims)
-                for claim in claims:
-                    if claim.member is not None and already[claim.counter]:
+                # The last claim of each counter saw every one before it.
+                last = {c.counter: (i, c) for i, c in enumerate(claims)}
+                for i, claim in last.values():
+                    earlier = {c.member for c in claims[:i] if c.counter == claim.counter}
+                    if claim.member is not None and (already[i] or claim.member in earlier):
                         continue  # a member already counted always passes
                     if claim.limit is not None:
                         self.assertLessEqual(counters.count(claim.counter), claim.limit)
@@ -137,6 +152,16 @@ class CountersModelTests(SynchronousTestCase):
             counters.release(holder)
         self.assertEqual(counters.snapshot(), {})
         self.assertEqual(counters.holders(), [])
+
+    def test_claims_of_one_call_on_one_counter_count_each_other(self) -> None:
+        counters = Counters()
+        one = Claim("per_ip", "ip:a", 1)
+        self.assertEqual(counters.acquire("a", [one, one]), "per_ip")
+        self.assertEqual(counters.snapshot(), {})
+        first, second = (Claim("ips", "ips:alice", 1, member=m) for m in ("1.1.1.1", "2.2.2.2"))
+        self.assertEqual(counters.acquire("a", [first, second]), "ips")
+        self.assertIsNone(counters.acquire("a", [first, first]))  # one member, counted once
+        self.assertEqual(counters.count("ips:alice"), 1)
 
     def test_a_member_already_held_passes_a_full_counter(self) -> None:
         counters = Counters()

@@ -151,6 +151,19 @@ class FleetTests(FleetTestCase):
 
         return ensureDeferred(run())
 
+    def test_claims_of_one_call_on_one_key_count_each_other(self) -> Any:
+        async def run() -> None:
+            a = await self.host("a")
+            self.assertEqual(await a.acquire("a1", [conns(1), conns(1)]), "connections")
+            self.assertIsNone(self.hget("p:user:alice", "a"))
+            two = [ips(1, "10.0.0.1"), ips(1, "10.0.0.2")]
+            self.assertEqual(await a.acquire("a2", two), "ips")
+            self.assertIsNone(await a.acquire("a3", [ips(1, "10.0.0.1"), ips(1, "10.0.0.1")]))
+            self.assertIsNone(await a.acquire("a4", [conns(2), conns(2)]))
+            self.assertEqual(self.hget("p:user:alice", "a"), "2")
+
+        return ensureDeferred(run())
+
     def test_local_claims_per_host(self) -> Any:
         async def run() -> None:
             a, b = await self.host("a"), await self.host("b")

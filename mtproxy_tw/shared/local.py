@@ -33,23 +33,32 @@ class Counters:
         #: holder -> what it holds: (counter, member)
         self._held: dict[str, list[tuple[str, str | None]]] = {}
 
-    def refusal(self, claim: Claim) -> bool:
+    def refusal(self, claim: Claim, taking: int = 0, adding: frozenset[str] = frozenset()) -> bool:
         """
-        Whether ``claim`` cannot be taken now.
+        Whether ``claim`` cannot be taken now, with ``taking`` more holders
+        of its plain counter, or the members ``adding``, already asked for
+        in the same call.
         """
         if claim.limit is None:
             return False
         if claim.member is None:
-            return self._plain.get(claim.counter, 0) >= claim.limit
-        members = self._members.get(claim.counter)
-        if members is None:
-            return claim.limit <= 0
-        return claim.member not in members and len(members) >= claim.limit
+            return self._plain.get(claim.counter, 0) + taking >= claim.limit
+        members = self._members.get(claim.counter, {})
+        if claim.member in members or claim.member in adding:
+            return False
+        return len(members) + len(adding - members.keys()) >= claim.limit
 
     def acquire(self, holder: str, claims: Sequence[Claim]) -> str | None:
+        taking: dict[str, int] = {}
+        adding: dict[str, frozenset[str]] = {}
         for claim in claims:
-            if self.refusal(claim):
+            counter = claim.counter
+            if self.refusal(claim, taking.get(counter, 0), adding.get(counter, frozenset())):
                 return claim.name
+            if claim.member is None:
+                taking[counter] = taking.get(counter, 0) + 1
+            else:
+                adding[counter] = adding.get(counter, frozenset()) | {claim.member}
         self.take(holder, claims)
         return None
 

@@ -52,12 +52,19 @@ local function live(h)
   end
   return a
 end
+local taking, adding = {}, {}
 for i = 1, #KEYS do
   local at = 4 + (i - 1) * 4
   local limit, member, kind = tonumber(ARGV[at + 2]), ARGV[at + 3], ARGV[at + 4]
+  local key = KEYS[i]
   if limit >= 0 then
-    local flat = redis.call('HGETALL', KEYS[i])
-    local count, known, members = 0, false, {}
+    local flat = redis.call('HGETALL', key)
+    local count, known, members = taking[key] or 0, false, {}
+    for m, _ in pairs(adding[key] or {}) do
+      members[m] = true
+      count = count + 1
+      if m == member then known = true end
+    end
     for j = 1, #flat, 2 do
       local field = flat[j]
       local h, m = field, nil
@@ -77,6 +84,13 @@ for i = 1, #KEYS do
       end
     end
     if not known and count >= limit then return {ARGV[at + 1], stale} end
+  end
+  -- what this call takes counts for its later claims on the same key
+  if kind == 'p' then
+    taking[key] = (taking[key] or 0) + 1
+  else
+    adding[key] = adding[key] or {}
+    adding[key][member] = true
   end
 end
 local held = prefix .. 'k:' .. host
