@@ -6,7 +6,6 @@ test per way a check fails.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from mtproxy_tw.doctor.tls import read_server_hello
 from mtproxy_tw.middle.cache import CONFIG_FILE
 from mtproxy_tw.testing import FakeConfigServer, FakeDC, FakeMiddleProxy, FakeSite, config_text
 from mtproxy_tw.wire.faketls import TLSError
+from tests.ports import hold_port
 
 reactor: Any = _reactor
 LOCAL = "127.0.0.1"
@@ -37,15 +37,6 @@ PLENTY = (1 << 20, 1 << 20)
 def _port(listening: IListeningPort) -> int:
     port: int = listening.getHost().port  # type: ignore[attr-defined]
     return port
-
-
-def closed_port() -> int:
-    """
-    A loopback port nothing listens on.
-    """
-    with socket.socket() as s:
-        s.bind((LOCAL, 0))
-        return int(s.getsockname()[1])
 
 
 class DoctorHarness(TestCase):
@@ -70,6 +61,12 @@ class DoctorHarness(TestCase):
         self.site = self.start_site(FakeSite("localhost"))
         self.state_dir = Path(self.mktemp())
         self.state_dir.mkdir(parents=True)
+
+    def closed_port(self) -> int:
+        """
+        A loopback port that refuses, held for the test (see tests/ports.py).
+        """
+        return int(hold_port(self, LOCAL).getsockname()[1])
 
     def listen(self, factory: Any) -> int:
         listening = reactor.listenTCP(0, factory, interface=LOCAL)
@@ -199,7 +196,7 @@ class FailureTests(DoctorHarness):
         return ensureDeferred(self._dc_unreachable())
 
     async def _dc_unreachable(self) -> None:
-        port = closed_port()
+        port = self.closed_port()
         results = await self.doctor(f"--dc=3={LOCAL}:{port}", middle=False)
         self.assertOnlyFailure(results, "dc 3", f"{LOCAL}:{port}", "connection refused")
         self.assertEqual(results["dc 1, -1, 2, -2, -3, 4, -4, 5, -5"].status, Status.OK)
@@ -208,7 +205,7 @@ class FailureTests(DoctorHarness):
         return ensureDeferred(self._dc_unreachable_middle())
 
     async def _dc_unreachable_middle(self) -> None:
-        results = await self.doctor(f"--dc=3={LOCAL}:{closed_port()}")
+        results = await self.doctor(f"--dc=3={LOCAL}:{self.closed_port()}")
         self.assertEqual(results["dc 3"].status, Status.WARN)
         self.assertIn("direct fallback", results["dc 3"].detail)
         self.assertEqual(exit_status(results.values()), 0)
@@ -260,7 +257,7 @@ class FailureTests(DoctorHarness):
         return ensureDeferred(self._mask_host_unreachable())
 
     async def _mask_host_unreachable(self) -> None:
-        results = await self.doctor(mask_host=f"{LOCAL}:{closed_port()}")
+        results = await self.doctor(mask_host=f"{LOCAL}:{self.closed_port()}")
         self.assertOnlyFailure(results, "mask host for localhost", "connection refused")
 
     def test_clock_an_hour_off(self) -> Deferred[None]:
@@ -322,7 +319,7 @@ class FailureTests(DoctorHarness):
         return ensureDeferred(self._middle_proxy_unreachable())
 
     async def _middle_proxy_unreachable(self) -> None:
-        port = closed_port()
+        port = self.closed_port()
         self.config.bodies["/getProxyConfig"] = config_text(
             {2: [(LOCAL, self.me_port), (LOCAL, port)], 4: [(LOCAL, port)]}
         )
@@ -334,7 +331,7 @@ class FailureTests(DoctorHarness):
         return ensureDeferred(self._other_middle_proxies())
 
     async def _other_middle_proxies(self) -> None:
-        port = closed_port()
+        port = self.closed_port()
         self.config.bodies["/getProxyConfig"] = config_text(
             {2: [(LOCAL, self.me_port), (LOCAL, port)]}
         )
@@ -434,7 +431,7 @@ class CommandTests(DoctorHarness):
         return ensureDeferred(self._a_failure_exits_1())
 
     async def _a_failure_exits_1(self) -> None:
-        port = closed_port()
+        port = self.closed_port()
         argv = self.argv(f"--dc=4={LOCAL}:{port}", middle=False, max_connections="1")
         code, lines, _ = await self.command(*argv)
         self.assertEqual(code, 1)
@@ -519,11 +516,7 @@ class SharedStateTests(DoctorHarness):
         return ensureDeferred(self._away())
 
     async def _away(self) -> None:
-        import socket
-
-        with socket.socket() as s:
-            s.bind((LOCAL, 0))
-            port = s.getsockname()[1]
+        port = self.closed_port()
         results = await self.doctor(
             f"--shared-state=redis://:hunter2@{LOCAL}:{port}/0", middle=False
         )

@@ -24,12 +24,12 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-import twisted
 from mtproxy_tw.middle.fetch import fetch, upstream_http_client
 from mtproxy_tw.proxy.socks import UpstreamError, Upstreams
 from mtproxy_tw.testing import RawClient
 from mtproxy_tw.wire.dcs import Address
 from mtproxy_tw.wire.socks5 import UpstreamProxy
+from tests.ports import hold_port
 from tests.test_integration import CLASSIC, ProxyHarness
 from tests.test_middle import LoopbackHarness
 
@@ -38,17 +38,6 @@ reactor: Any = _reactor
 LOCAL = "127.0.0.1"
 #: Where pproxy's outgoing connections come from.
 EGRESS = "127.0.0.2"
-
-
-#: The lowest Twisted the suite runs on (tox.ini).
-_TWISTED_25 = twisted.__version__.startswith("25.")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOCAL, 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _egress_usable() -> bool:
@@ -63,11 +52,15 @@ def _egress_usable() -> bool:
 class SocksServer:
     """
     One pproxy SOCKS5 server on ``127.0.0.1:port``, ended by its PID.
+
+    Until it starts, its port is held (bound, not listening): connecting to
+    it is refused, and no listener of the test is handed it meanwhile.
     """
 
-    def __init__(self, test: Any, port: int | None = None, auth: str | None = None) -> None:
+    def __init__(self, test: Any, auth: str | None = None) -> None:
         self.test = test
-        self.port = port if port is not None else _free_port()
+        self.held: socket.socket | None = hold_port(test, LOCAL)
+        self.port: int = self.held.getsockname()[1]
         self.auth = auth
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -79,6 +72,9 @@ class SocksServer:
         url = f"socks5://{LOCAL}:{self.port}/@{EGRESS}"
         if self.auth is not None:
             url += f"#{self.auth}"
+        held, self.held = self.held, None
+        if held is not None:
+            held.close()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "pproxy", "-l", url],
             stdin=subprocess.DEVNULL,
@@ -374,9 +370,14 @@ class MiddleTests(LoopbackHarness):
         self.assertEqual(len(self.logged.lines("is down")), 1)
         everything = "\n".join(formatEvent(e) or "" for e in self.logged.events)
         self.assertNotIn("Traceback", everything)
-        await socks.start()
+        # What the middle proxy expects, before the server is up: the pool
+        # retries every 0.2 s and may get through before start() notices.
+        # A handshake made earlier would fail and make the proxy forget the
+        # address, and a look-up then in flight would replace it with the
+        # config site's (wrong) one: every later handshake would fail.
         self.fake.client_port = self.me_port
         self.middle.external.looked_up[4] = ipaddress.ip_address(EGRESS)
+        await socks.start()
         # New clients get through once the pool's own backoff from the
         # middle proxy it could not reach is over (a minute: on a machine
         # loaded by other work, the SOCKS server's own start is slow).
@@ -393,15 +394,6 @@ class MiddleTests(LoopbackHarness):
 
     def test_dead_server_is_survived(self) -> Deferred[None]:
         return self.run_async(self._dead(False))
-
-    if _TWISTED_25:
-        # On Twisted 25.5 only, and only in a whole-suite run, the pool
-        # sometimes does not get back through the restarted SOCKS server
-        # within a minute (3 of about 8 clean runs); alone it passes every
-        # time. Left to find: it runs on the latest Twisted.
-        test_dead_server_is_survived.skip = (  # type: ignore[attr-defined]
-            "intermittent on Twisted 25.5 in whole-suite runs (under investigation)"
-        )
 
     def test_dead_server_with_direct_fallback(self) -> Deferred[None]:
         return self.run_async(self._dead(True))
