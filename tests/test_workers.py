@@ -13,6 +13,7 @@ from typing import Any
 
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.error import ConnectError
 from twisted.internet.task import deferLater
 
 from mtproxy_tw.testing import connect_client
@@ -83,7 +84,12 @@ class _WorkersCase(ProcessCase):
         workers = children(process.pid)
         held: list[tuple[Any, int]] = []
         for _ in range(200):
-            client = self.track(await make())
+            try:
+                client = self.track(await make())
+            except ConnectError:
+                # Refused by a full limit (aborted) before this side's reactor
+                # saw the connection made: the connect itself fails.
+                continue
             local = client.transport.getHost().port
             owner = socket_owners(workers, port).get(local)
             if owner is None and not client.lost.called:
