@@ -60,17 +60,23 @@ class SlowState:
         """
         asked = []
         while self.waiting:
-            kind, d, what = self.waiting.pop(0)
-            asked.append(kind)
-            if kind == "seen":
-                key = what
-                assert isinstance(key, bytes)
-                d.callback(key in self.keys)
-                self.keys.add(key)
-            else:
-                holder, claims = what  # type: ignore[misc]
-                d.callback(self.counters.acquire(holder, claims))
+            asked.append(self.answer_next())
         return asked
+
+    def answer_next(self) -> str:
+        """
+        Answer the oldest question; its kind.
+        """
+        kind, d, what = self.waiting.pop(0)
+        if kind == "seen":
+            key = what
+            assert isinstance(key, bytes)
+            d.callback(key in self.keys)
+            self.keys.add(key)
+        else:
+            holder, claims = what  # type: ignore[misc]
+            d.callback(self.counters.acquire(holder, claims))
+        return kind
 
 
 class SlowStateTests(SynchronousTestCase):
@@ -87,12 +93,16 @@ class SlowStateTests(SynchronousTestCase):
         client = self.proxy.connect_client(DD, dc=2)
         answer = client.request(b"\x01" + os.urandom(99))
         self.proxy.flush()
-        # Counting the connection (its address, the cap): nothing read yet.
-        self.assertEqual(self.state.answer_all(), ["acquire"])
+        # Counting the connection (its address, the cap): what was read
+        # waits, and nothing more is.
+        self.assertEqual([kind for kind, _, _ in self.state.waiting], ["acquire"])
+        transport = self.proxy.connection_of(client).server_transport
+        self.assertFalse(transport.reading)
+        # Counted: the init is read at once; not seen before, the user's
+        # claims follow.
+        self.assertEqual(self.state.answer_all(), ["acquire", "seen", "acquire"])
         self.proxy.flush()
-        # Not seen before: the user's claims follow at once.
-        self.assertEqual(self.state.answer_all(), ["seen", "acquire"])
-        self.proxy.flush()
+        self.assertTrue(transport.reading)
         self.assertEqual(len(self.successResultOf(answer)), 100)
         counts = self.state.counters.snapshot()
         self.assertEqual(counts["global"], 1)
@@ -101,6 +111,23 @@ class SlowStateTests(SynchronousTestCase):
         client.transport.loseConnection()
         self.proxy.flush()
         self.assertEqual(self.state.counters.snapshot(), {})
+
+    def test_a_read_while_consulting_is_held_and_pauses_the_client(self) -> None:
+        client = self.proxy.connect_client(DD, dc=2)
+        self.proxy.flush()
+        self.assertEqual(self.state.answer_next(), "acquire")  # counted: now asking "seen"
+        self.assertEqual([kind for kind, _, _ in self.state.waiting], ["seen"])
+        transport = self.proxy.connection_of(client).server_transport
+        pauses = transport.read_pauses
+        self.assertTrue(transport.reading)  # no read while asking: no pause
+        answer = client.request(b"\x01" + os.urandom(99))
+        self.proxy.flush()
+        self.assertFalse(transport.reading)  # held, and nothing more read
+        self.assertEqual(transport.read_pauses, pauses + 1)
+        self.assertEqual(self.state.answer_all(), ["seen", "acquire"])
+        self.proxy.flush()
+        self.assertTrue(transport.reading)
+        self.assertEqual(len(self.successResultOf(answer)), 100)
 
     def test_a_replay_from_another_process_is_refused(self) -> None:
         first = self.proxy.connect_client(DD, dc=2)

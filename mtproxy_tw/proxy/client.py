@@ -77,6 +77,8 @@ class ClientProtocol(Protocol):
         self._records: faketls.TLSRecordReader | None = None
         self._writer: faketls.RecordWriter | None = None
         self._inner: Callable[[bytes], None] = _discard
+        #: What arrived while the shared state was counting the connection.
+        self._waiting = b""
         self._seen = -1
 
     @property
@@ -112,14 +114,17 @@ class ClientProtocol(Protocol):
         )
         started = admission.start()
         if not isinstance(started, Deferred):
-            self._admitted(started, False)
+            self._admitted(started)
             return
-        paused = not started.called
-        if paused:  # the shared state is counting it: nothing read till then
-            self.transport.pauseProducing()
-        started.addCallback(self._admitted, paused).addErrback(self._shared_failed)
+        # Being counted by the shared state: a read meanwhile waits, paused.
+        self._handler = self._early
+        started.addCallback(self._admitted).addErrback(self._shared_failed)
 
-    def _admitted(self, refused: str | None, paused: bool) -> None:
+    def _early(self, data: bytes) -> None:
+        self._waiting += data
+        self.transport.pauseProducing()
+
+    def _admitted(self, refused: str | None) -> None:
         if self.state is not State.HANDSHAKING or self._admission is None:
             return
         core = self.core
@@ -131,8 +136,10 @@ class ClientProtocol(Protocol):
             refused=refused,
         )
         self._handler = self._read_handshake
-        if paused:
+        early, self._waiting = self._waiting, b""
+        if early:  # paused on it
             self.transport.resumeProducing()
+            self._read_handshake(early)
 
     def _shared_failed(self, failure: Failure) -> None:
         self.log.failure("the shared state failed on {peer}", failure, peer=self.address)
@@ -195,10 +202,15 @@ class ClientProtocol(Protocol):
     # -- handshake
 
     def _read_handshake(self, data: bytes) -> None:
-        assert self.handshake is not None
+        handshake = self.handshake
+        assert handshake is not None
         if self._front is not None:  # the shadow sees what the site would
             self._front.from_client(data)
-        self._decided(self.handshake.feed(data, self.core.reactor.seconds()))
+        if handshake.consulting:  # held till the verdict, and nothing more read
+            handshake.feed(data, self.core.reactor.seconds())
+            self.transport.pauseProducing()
+            return
+        self._decided(handshake.feed(data, self.core.reactor.seconds()))
 
     def _handshake_timed_out(self) -> None:
         self._timer = None
@@ -212,12 +224,9 @@ class ClientProtocol(Protocol):
             assert self._admission is not None
             consulted = self._admission.consult(decision.key, decision.secret)
             if not isinstance(consulted, Deferred):
-                self._consulted(consulted, False)
-                return
-            paused = not consulted.called
-            if paused:  # nothing more is read until the answer: bounded
-                self.transport.pauseProducing()
-            consulted.addCallback(self._consulted, paused).addErrback(self._shared_failed)
+                self._consulted(consulted)
+            else:  # a read meanwhile is held, and pauses the client
+                consulted.addCallback(self._consulted).addErrback(self._shared_failed)
             return
         reply = getattr(decision, "reply", b"")
         if reply:
@@ -247,10 +256,10 @@ class ClientProtocol(Protocol):
             self._drop_shadow()
             self.reject(decision.reason)
 
-    def _consulted(self, verdict: str | None, paused: bool) -> None:
+    def _consulted(self, verdict: str | None) -> None:
         handshake = self.handshake
         if handshake is not None and handshake.consulting and self.state is State.HANDSHAKING:
-            if paused:  # before deciding: what follows may pause it again
+            if handshake.holding:  # paused on it; before deciding, which may pause again
                 self.transport.resumeProducing()
             self._decided(handshake.resume(verdict))
 

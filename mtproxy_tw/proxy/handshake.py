@@ -158,6 +158,13 @@ class Handshake:
     def consulting(self) -> bool:
         return self._state is _State.CONSULT
 
+    @property
+    def holding(self) -> bool:
+        """
+        Whether bytes arrived while consulting (held for :meth:`resume`).
+        """
+        return self._state is _State.CONSULT and bool(self._held)
+
     def resume(self, verdict: str | None) -> Decision:
         """
         The shared state's answer to :class:`Consult`: ``None`` (go on),
