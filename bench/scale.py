@@ -9,7 +9,14 @@ one row per N:
 - download and upload throughput (MB/s) over the concurrent connections;
 - CPU seconds per GB relayed, of the whole process tree (the parent and
   every worker, from /proc/PID/stat; the tree is found by walking /proc);
-- CPU per small request (100-byte ping-pong through the relay);
+- CPU per small request (100-byte ping-pong through the relay), as fast as
+  the clients go, and paced: each client waits ``--pause-ms`` after an
+  answer, and their first requests are spread over one pause, so each
+  request arrives on its own and wakes its process up. Flat out, one
+  process batches more requests per wake-up than each of N workers does;
+  paced, a process that wakes up less often finds its caches colder, so a
+  request costs more the sparser they are per process. Neither is
+  coordination: that is the parent's share, shown apart;
 - CPU per client set-up (connect, handshake and the first answer, for
   ``--setup`` clients one after the other);
 - the spread: the smallest and largest share of the connections a worker
@@ -66,7 +73,7 @@ from twisted.protocols.basic import LineReceiver
 
 from mtproxy_tw.wire.secrets import Mode, Secret, parse_secret
 
-PHASES = ("download", "upload", "small", "setup")
+PHASES = ("download", "upload", "small", "paced", "setup")
 REQUEST = os.urandom(100)
 #: Seconds a step of a phase (connecting, running, closing) may take.
 STEP_TIMEOUT = 300
@@ -269,7 +276,7 @@ class Load:
     async def prepare(self, port: int, phase: str, n: int, size: int, rounds: int) -> None:
         self.port, self.phase, self.n, self.size, self.rounds = port, phase, n, size, rounds
         self.dcs.download = size if phase == "download" else 0
-        self.dcs.echo = phase in ("small", "setup")
+        self.dcs.echo = phase in ("small", "paced", "setup")
         self.finished: defer.Deferred[None] = defer.Deferred()
         self.left = n * size if phase == "download" else n * rounds
         if phase == "download":
@@ -278,6 +285,9 @@ class Load:
             self.clients = await connect_many(self.reactor, port, n, self._make(_ignore))
         elif phase == "small":
             self.clients = await connect_many(self.reactor, port, n, self._make(self._pong))
+        elif phase == "paced":  # ``size``: microseconds from an answer to the next request
+            self.pause = size / 1e6
+            self.clients = await connect_many(self.reactor, port, n, self._make(self._paced))
 
     def _count(self, client: BenchClient, data: bytes) -> None:
         self.left -= len(data)
@@ -289,6 +299,14 @@ class Load:
             self.left -= 1
             if client.received < self.rounds * len(REQUEST):
                 client.send(REQUEST)
+            if self.left == 0:
+                self.finished.callback(None)
+
+    def _paced(self, client: BenchClient, data: bytes) -> None:
+        if client.received % len(REQUEST) == 0:
+            self.left -= 1
+            if client.received < self.rounds * len(REQUEST):
+                self.reactor.callLater(self.pause, client.send, REQUEST)
             if self.left == 0:
                 self.finished.callback(None)
 
@@ -312,8 +330,14 @@ class Load:
             self.left = self.n
             make = self._make(self._pong)
             self.clients = await connect_many(self.reactor, self.port, self.n, make)
-        for c in self.clients:
-            c.send(REQUEST)
+        if self.phase == "paced":
+            # Spread over one pause: each request arrives on its own, so
+            # neither one process nor several batch them.
+            for i, c in enumerate(self.clients):
+                self.reactor.callLater(i * self.pause / len(self.clients), c.send, REQUEST)
+        else:
+            for c in self.clients:
+                c.send(REQUEST)
         try:
             await self.finished.addTimeout(ANSWER_TIMEOUT, self.reactor)
         except defer.TimeoutError:
@@ -532,6 +556,11 @@ async def measure(
                 elapsed, cpu, trips = await phase(name, c, 0, args.requests)
                 row["small us"] = cpu / trips * 1e6
                 row["small cs"] = meter.switched / trips
+            elif name == "paced":
+                pause = round(args.pause_ms * 1000)
+                elapsed, cpu, trips = await phase(name, c, pause, args.paced_requests)
+                row["paced us"] = cpu / trips * 1e6
+                row["paced rate"] = trips / elapsed
             elif name == "setup":
                 elapsed, cpu, count = await phase(name, args.setup, 0, 1)
                 row["setup us"] = cpu / count * 1e6
@@ -548,14 +577,16 @@ COLUMNS = (
     ("upload MB/s", "up MB/s", "{:.0f}"),
     ("upload s/GB", "up CPU s/GB", "{:.2f}"),
     ("small us", "small CPU us/req", "{:.0f}"),
+    ("paced rate", "paced req/s", "{:.0f}"),
+    ("paced us", "paced CPU us/req", "{:.0f}"),
     ("setup us", "set-up CPU us", "{:.0f}"),
     ("small cs", "small cs/req", "{:.2f}"),
     ("setup cs", "set-up cs", "{:.1f}"),
     ("spread", "spread (C)", "{}"),
     ("spread setup", "spread (set-up)", "{}"),
 )
-RELATIVE = ("download s/GB", "upload s/GB", "small us", "setup us")
-PARENT = ("download", "upload", "small", "setup")
+RELATIVE = ("download s/GB", "upload s/GB", "small us", "paced us", "setup us")
+PARENT = ("download", "upload", "small", "paced", "setup")
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
@@ -633,6 +664,15 @@ def main() -> None:
     )
     p.add_argument("--setup", type=int, default=1000, help="clients for the set-up measurement")
     p.add_argument("--phases", default=",".join(PHASES), help="what to measure (comma-separated)")
+    p.add_argument(
+        "--pause-ms",
+        type=float,
+        default=10.0,
+        help="paced requests: each client waits this long after an answer before asking again",
+    )
+    p.add_argument(
+        "--paced-requests", type=int, default=100, help="paced requests: round trips per client"
+    )
     p.add_argument("--proxy-log-level", default="warn", help="the proxy's --log-level")
     args = p.parse_args()
     react(lambda reactor: run(reactor, args))
