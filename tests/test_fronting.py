@@ -57,6 +57,7 @@ from mtproxy_tw.wire.faketls import (
 )
 from mtproxy_tw.wire.obfuscated2 import TAG_INTERMEDIATE, TAG_PADDED, generate_init
 from mtproxy_tw.wire.secrets import Mode, Secret, parse_secret
+from tests.ports import hold_port
 from tests.test_integration import (
     CLASSIC,
     DC_IDS,
@@ -812,11 +813,8 @@ class ProfileTests(FrontingHarness):
         return self.run_async(self._cipher())
 
     async def _fallback(self) -> None:
-        # Bound, not listening: refused, and never handed to the proxy's tcp:0.
-        held = socket.socket()
-        self.addCleanup(held.close)
-        held.bind((LOCAL, 0))
-        nowhere = Address(LOCAL, held.getsockname()[1])
+        # Refused, and never handed to the proxy's tcp:0.
+        nowhere = Address(LOCAL, hold_port(self, LOCAL).getsockname()[1])
         await self.start(mask_host=nowhere)
         assert self.service.profiles is not None
         self.assertEqual(self.service.core.tls_profiles, {})

@@ -5,7 +5,6 @@ The whole direct-mode path on loopback: test client -> ProxyService -> FakeDC.
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -41,6 +40,7 @@ from mtproxy_tw.wire.obfuscated2 import (
 )
 from mtproxy_tw.wire.secrets import Mode, Secret, parse_secret
 from mtproxy_tw.wire.transports import IntermediateCodec
+from tests.ports import hold_port
 
 reactor: Any = _reactor
 T = TypeVar("T")
@@ -326,12 +326,8 @@ class RoutingTests(ProxyHarness):
         return self.run_async(self._ipv6())
 
     async def _unreachable(self) -> None:
-        # A port bound but not listening: connecting is refused, and no
-        # listener of this test (the proxy's own tcp:0) can be given it.
-        held = socket.socket()
-        self.addCleanup(held.close)
-        held.bind((LOCAL, 0))
-        nowhere = Address(LOCAL, held.getsockname()[1])
+        # Refused, and no listener of this test (the proxy's own tcp:0) is given it.
+        nowhere = Address(LOCAL, hold_port(self, LOCAL).getsockname()[1])
         await self.start(more_dcs={3: nowhere})
         client = await self.client(SECURE, dc=3)
         client.send(b"ping")
