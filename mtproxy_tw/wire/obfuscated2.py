@@ -110,12 +110,17 @@ def accept_init(
     """
     if len(init) != INIT_LENGTH:
         raise ValueError("an init is 64 bytes")
-    fkey, fiv, bkey, biv = _keys(init, secret)
-    decryptor = ctr(fkey, fiv)
-    plain = decryptor.update(bytes(init))
+    init = bytes(init)
+    seed = init[8:56]
+    decryptor = ctr(_key(seed[:32], secret), seed[32:48])
+    plain = decryptor.update(init)
     tag = plain[56:60]
     if tag not in allowed_tags:
         return None
+    # The other direction's key only for the secret that matched: a
+    # handshake may try every configured secret first.
+    rev = seed[::-1]
+    bkey, biv = _key(rev[:32], secret), rev[32:48]
     (dc,) = _i16.unpack_from(plain, 60)
     return AcceptedInit(tag, dc, decryptor, ctr(bkey, biv), bkey, biv)
 
