@@ -3,9 +3,10 @@ What Twisted alone costs for the set-up that ``bench/middle.py --phases
 setup`` measures, run by hand (not part of the test suite).
 
 A child process runs the least a Twisted server can do for that pattern: it
-accepts a client, arms a timer (as the proxy's handshake timeout), reads
-the 64 bytes of an init and then a 104-byte packet, and answers that with
-one write of 108 bytes. No cryptography, no framing, no session. The
+accepts a client, arms a timer (as the proxy's handshake timeout, replaced
+by a longer one at the first read as the proxy's idle check), reads the 64
+bytes of an init and then a 104-byte packet, and answers that with one
+write of 108 bytes. No cryptography, no framing, no session. The
 clients connect one after the other as the middle-mode bench's do, then
 all send their packet, and the script reports the server's CPU per client
 to its first answer and per close, from /proc.
@@ -40,6 +41,9 @@ class Least(protocol.Protocol):
         self.timer = reactor.callLater(10, self.transport.abortConnection)
     def dataReceived(self, data):
         before, self.read = self.read, self.read + len(data)
+        if not before:  # as the proxy's handshake timer gives way to its idle check
+            self.timer.cancel()
+            self.timer = reactor.callLater(600, self.transport.abortConnection)
         if before < {INIT + PACKET} <= self.read:
             self.transport.write(bytes({ANSWER}))
     def connectionLost(self, reason):
@@ -58,12 +62,16 @@ class Client(protocol.Protocol):
     def __init__(self, answered: Any) -> None:
         self.answered = answered
         self.ready: defer.Deferred[None] = defer.Deferred()
+        self.done = False
 
     def connectionMade(self) -> None:
         self.transport.write(os.urandom(INIT))
         self.ready.callback(None)
 
     def dataReceived(self, data: bytes) -> None:
+        if self.done:  # the answer may come in more than one read
+            return
+        self.done = True
         self.answered()
 
 
