@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.defer import Deferred, succeed
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -17,9 +19,11 @@ from mtproxy_tw.proxy.users import Registry
 from mtproxy_tw.settings import Settings
 from mtproxy_tw.shared.base import Claim
 from mtproxy_tw.shared.local import Counters
-from mtproxy_tw.testing import FakeDC
+from mtproxy_tw.testing import FakeDC, RawClient
 from mtproxy_tw.testing.memory import MemoryProxy
+from mtproxy_tw.wire.obfuscated2 import TAG_PADDED, generate_init
 from mtproxy_tw.wire.secrets import parse_secret
+from mtproxy_tw.wire.transports import codec_for_tag
 
 DD = parse_secret("alice=dd" + "a7" * 16, "x")
 
@@ -176,3 +180,49 @@ class SlowStateTests(SynchronousTestCase):
         self.assertTrue(client.lost.called)
         self.assertEqual(self.proxy.core.stats.rejected["handshake-timeout"], 1)
         self.assertEqual(self.proxy.core.clients, set())
+
+
+class AnyTimingTests(SynchronousTestCase):
+    @settings(max_examples=150, deadline=None)
+    @given(
+        cuts=st.lists(st.integers(min_value=1, max_value=200), min_size=1, max_size=6),
+        answers=st.lists(st.integers(min_value=0, max_value=2), min_size=6, max_size=6),
+    )
+    def test_any_cuts_and_answer_times(self, cuts: list[int], answers: list[int]) -> None:
+        """
+        However the init and a packet are cut, and whenever the shared state
+        answers, the packet is relayed; and while the proxy holds bytes for
+        an answer, it reads nothing more.
+        """
+        proxy = MemoryProxy(Settings(secrets=(DD,), max_connections=10))
+        state = SlowState()
+        proxy.core.shared = state
+        proxy.serve_dc(2, FakeDC(proxy.reactor))
+        streams = generate_init(TAG_PADDED, 2, DD.key)
+        packet = codec_for_tag(TAG_PADDED).encode(b"\x01" + bytes(99))  # padded: 0-3 bytes more
+        wire = streams.wire + streams.encryptor.update(packet)
+        client = RawClient()
+        connection = proxy.accept(client)
+        server, transport = connection.server, connection.server_transport
+        pieces, at = [], 0
+        for cut in cuts:
+            pieces.append(wire[at : at + cut])
+            at += cut
+        pieces.append(wire[at:])
+        for piece, answered in zip(pieces, answers + [2] * len(pieces), strict=False):
+            if piece:
+                client.write(piece)
+            proxy.flush()
+            for _ in range(answered):
+                if state.waiting:
+                    state.answer_next()
+            handshake = server.handshake
+            holding = bool(server._waiting) or (handshake is not None and handshake.holding)
+            if holding:
+                self.assertFalse(transport.reading)
+        for _ in range(10):
+            state.answer_all()
+            proxy.flush()
+        self.assertEqual(proxy.core.stats.accepted.get("alice"), 1)
+        echoed = codec_for_tag(TAG_PADDED).feed(streams.decryptor.update(bytes(client.received)))
+        self.assertEqual([p.payload for p in echoed], [b"\x01" + bytes(99)])
