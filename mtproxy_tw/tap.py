@@ -320,6 +320,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     )
     remote: RemoteState | None = None
     if spec is not None:
+        proxy.label = f"worker {spec.index}: "
         # Before the proxy: the channel is up when the first client comes.
         remote = RemoteState()
         remote.on_profiles = proxy.profiles.reload

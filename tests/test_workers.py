@@ -107,6 +107,10 @@ class WorkersTests(_WorkersCase):
         process, tree, port = await self.start()
         workers = children(process.pid)
         self.assertEqual(len(workers), 2, tree.log)
+        # Each worker's own figure, and which worker says it.
+        for n in (1, 2):
+            await self.until(tree, lambda n=n: f"worker {n}: --max-connections " in tree.log)
+        self.assertNotRegex(tree.log, r"\] --max-connections \d")
         clients = [
             self.track(await connect_client(reactor, "127.0.0.1", port, ALICE)) for _ in range(60)
         ]

@@ -112,6 +112,9 @@ class ProxyService(MultiService):
         self.soft_limit: int | None = None
         #: What ``--max-connections auto`` came to at start.
         self.auto_connections: int | None = None
+        #: What this process's own lines start with: ``"worker 2: "`` in a
+        #: worker, whose stats and limits are its own, not the proxy's.
+        self.label = ""
         self.accept_failures = AcceptFailures(
             reactor, need=self.descriptors_needed, limit=self._soft_limit
         )
@@ -155,7 +158,7 @@ class ProxyService(MultiService):
         """
         One line with the counters: connections, handshakes by outcome, bytes.
         """
-        self.log.info("stats: {stats}", stats=self.core.stats.snapshot())
+        self.log.info("{label}stats: {stats}", label=self.label, stats=self.core.stats.snapshot())
 
     @property
     def settings(self) -> Settings:
@@ -197,7 +200,10 @@ class ProxyService(MultiService):
             self.auto_connections = allowed
             self.core.settings = self._resolved(self.settings)
             self.log.info(
-                "--max-connections {max_connections} ({why})", max_connections=allowed, why=why
+                "{label}--max-connections {max_connections} ({why})",
+                label=self.label,
+                max_connections=allowed,
+                why=why,
             )
             if soft != resource.RLIM_INFINITY and soft < self.descriptors_needed():
                 self.log.warn(
