@@ -127,7 +127,7 @@ class StatsTests(SynchronousTestCase):
         reactor.advance(1)
         reactor.advance(60)
         service.stopService()
-        lines = [formatEvent(e) for e in events if e.get("log_format", "").startswith("stats:")]
+        lines = [t for t in map(formatEvent, events) if t and t.startswith("stats:")]
         # At start, after each interval, and the last counts at stop.
         self.assertEqual(len(lines), 4, lines)
         self.assertIsNotNone(service.stats_timer)
@@ -142,4 +142,4 @@ class StatsTests(SynchronousTestCase):
         reactor.advance(3600)
         service.stopService()
         self.assertIsNone(service.stats_timer)
-        self.assertFalse(any(e.get("log_format", "").startswith("stats:") for e in events))
+        self.assertFalse(any((formatEvent(e) or "").startswith("stats:") for e in events))
