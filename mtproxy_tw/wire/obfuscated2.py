@@ -57,16 +57,27 @@ def _key(seed: bytes, secret: bytes | None) -> bytes:
     return hashlib.sha256(seed + secret).digest() if secret is not None else seed
 
 
+def _forward(seed: bytes, secret: bytes | None) -> tuple[bytes, bytes]:
+    """
+    (key, IV) of the init's sender's direction (its send stream, the
+    acceptor's receive stream), from the init's bytes 8..56.
+    """
+    return _key(seed[:32], secret), seed[32:48]
+
+
+def _backward(seed: bytes, secret: bytes | None) -> tuple[bytes, bytes]:
+    """
+    (key, IV) of the other direction.
+    """
+    return _forward(seed[::-1], secret)
+
+
 def _keys(init: bytes | bytearray, secret: bytes | None) -> tuple[bytes, bytes, bytes, bytes]:
     """
     (forward key, forward IV, backward key, backward IV) for an init.
-
-    *Forward* is the direction of the init's sender (its send stream,
-    the acceptor's receive stream); *backward* the other one.
     """
     seed = bytes(init[8:56])
-    rev = seed[::-1]
-    return _key(seed[:32], secret), seed[32:48], _key(rev[:32], secret), rev[32:48]
+    return _forward(seed, secret) + _backward(seed, secret)
 
 
 def is_acceptable_first_bytes(plain: bytes | bytearray) -> bool:
@@ -112,15 +123,14 @@ def accept_init(
         raise ValueError("an init is 64 bytes")
     init = bytes(init)
     seed = init[8:56]
-    decryptor = ctr(_key(seed[:32], secret), seed[32:48])
+    decryptor = ctr(*_forward(seed, secret))
     plain = decryptor.update(init)
     tag = plain[56:60]
     if tag not in allowed_tags:
         return None
     # The other direction's key only for the secret that matched: a
     # handshake may try every configured secret first.
-    rev = seed[::-1]
-    bkey, biv = _key(rev[:32], secret), rev[32:48]
+    bkey, biv = _backward(seed, secret)
     (dc,) = _i16.unpack_from(plain, 60)
     return AcceptedInit(tag, dc, decryptor, ctr(bkey, biv), bkey, biv)
 
