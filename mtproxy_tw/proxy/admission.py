@@ -118,7 +118,7 @@ class Admission:
         if not shared.distributed:
             return "replay" if shared.seen_now(key) else None
         seen = shared.seen(key)
-        claims = self._user_claims(secret) if shared.distributed else []
+        claims = self._user_claims(secret)
 
         def checked(replayed: bool) -> str | Deferred[str | None] | None:
             if replayed:

@@ -206,11 +206,12 @@ class ClientProtocol(Protocol):
         assert handshake is not None
         if self._front is not None:  # the shadow sees what the site would
             self._front.from_client(data)
-        if handshake.consulting:  # held till the verdict, and nothing more read
-            handshake.feed(data, self.core.reactor.seconds())
+        consulting = handshake.consulting
+        decision = handshake.feed(data, self.core.reactor.seconds())
+        if consulting:  # held till the verdict, and nothing more read
             self.transport.pauseProducing()
             return
-        self._decided(handshake.feed(data, self.core.reactor.seconds()))
+        self._decided(decision)
 
     def _handshake_timed_out(self) -> None:
         self._timer = None

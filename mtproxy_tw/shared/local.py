@@ -140,7 +140,7 @@ class LocalState:
         return self.replay.check_and_add(key)
 
     def seen(self, key: bytes) -> Deferred[bool]:
-        return succeed(self.replay.check_and_add(key))
+        return succeed(self.seen_now(key))
 
     def acquire(self, holder: str, claims: Sequence[Claim]) -> Deferred[str | None]:
         return succeed(self.counters.acquire(holder, claims))
