@@ -132,19 +132,22 @@ class WorkerEndpointTests(SynchronousTestCase):
         with self.assertRaises(ValueError):
             worker_endpoints(MemoryReactor(), two, ["tcp:443"])
 
-    def channel(self, reactor: MemoryReactor) -> tuple[WorkerChannel, RemoteState, int]:
+    def inherited(self, name: str) -> int:
+        """
+        One end of a socket pair as the descriptor ``worker_module.NAME``
+        (as a worker inherits it), all closed when the test ends.
+        """
         ours, theirs = socket.socketpair()
         self.addCleanup(ours.close)
         self.addCleanup(theirs.close)
         fd = os.dup(theirs.fileno())
         self.addCleanup(close, fd)
-        self.patch(worker_module, "CHANNEL_FD", fd)
-        claims_ours, claims_theirs = socket.socketpair()
-        self.addCleanup(claims_ours.close)
-        self.addCleanup(claims_theirs.close)
-        claims_fd = os.dup(claims_theirs.fileno())
-        self.addCleanup(close, claims_fd)
-        self.patch(worker_module, "CLAIMS_FD", claims_fd)
+        self.patch(worker_module, name, fd)
+        return fd
+
+    def channel(self, reactor: MemoryReactor) -> tuple[WorkerChannel, RemoteState, int]:
+        fd = self.inherited("CHANNEL_FD")
+        self.inherited("CLAIMS_FD")
         remote = RemoteState()
         return WorkerChannel(reactor, remote, 2), remote, fd
 
