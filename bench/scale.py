@@ -275,6 +275,8 @@ class Load:
 
     async def prepare(self, port: int, phase: str, n: int, size: int, rounds: int) -> None:
         self.port, self.phase, self.n, self.size, self.rounds = port, phase, n, size, rounds
+        #: Seconds from an answer to the next request (``paced``: ``size`` is it in µs).
+        self.pause = size / 1e6 if phase == "paced" else 0.0
         self.dcs.download = size if phase == "download" else 0
         self.dcs.echo = phase in ("small", "paced", "setup")
         self.finished: defer.Deferred[None] = defer.Deferred()
@@ -283,11 +285,8 @@ class Load:
             self.clients = await connect_many(self.reactor, port, n, self._make(self._count))
         elif phase == "upload":
             self.clients = await connect_many(self.reactor, port, n, self._make(_ignore))
-        elif phase == "small":
+        elif phase in ("small", "paced"):
             self.clients = await connect_many(self.reactor, port, n, self._make(self._pong))
-        elif phase == "paced":  # ``size``: microseconds from an answer to the next request
-            self.pause = size / 1e6
-            self.clients = await connect_many(self.reactor, port, n, self._make(self._paced))
 
     def _count(self, client: BenchClient, data: bytes) -> None:
         self.left -= len(data)
@@ -298,15 +297,10 @@ class Load:
         if client.received % len(REQUEST) == 0:
             self.left -= 1
             if client.received < self.rounds * len(REQUEST):
-                client.send(REQUEST)
-            if self.left == 0:
-                self.finished.callback(None)
-
-    def _paced(self, client: BenchClient, data: bytes) -> None:
-        if client.received % len(REQUEST) == 0:
-            self.left -= 1
-            if client.received < self.rounds * len(REQUEST):
-                self.reactor.callLater(self.pause, client.send, REQUEST)
+                if self.pause:
+                    self.reactor.callLater(self.pause, client.send, REQUEST)
+                else:
+                    client.send(REQUEST)
             if self.left == 0:
                 self.finished.callback(None)
 
